@@ -1,0 +1,116 @@
+"""The ``goat`` command: argument parsing only; every subcommand calls into the package.
+
+    goat train -c CONFIG [--set section.key=value ...] [--run-dir DIR]
+    goat data validate DIR
+    goat data synth --users U --items I --interactions E --out DIR [--modalities image:512,text:384]
+                    [--user-profiles 384] [--seed S]
+    goat bench sampler|sinkhorn|all [--json FILE] [benchmark options]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from goat_dist.log import setup_logging
+
+
+def _parse_modalities(text: str) -> dict[str, int]:
+    """``"image:512,text:384"`` -> {"image": 512, "text": 384}."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, dim = part.partition(":")
+        if not sep or not name or not dim.isdigit() or int(dim) <= 0:
+            raise argparse.ArgumentTypeError(f"--modalities: {part!r} is not name:positive_dim")
+        if name in out:
+            raise argparse.ArgumentTypeError(f"--modalities: {name!r} given twice")
+        out[name] = int(dim)
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from goat_dist.config import load_config
+    from goat_dist.engine.run import train_main
+
+    cfg = load_config(args.config, args.set or [])
+    return train_main(cfg, run_dir=args.run_dir)
+
+
+def _cmd_data_validate(args: argparse.Namespace) -> int:
+    from goat_dist.data.validate import validate_dataset
+
+    report = validate_dataset(args.path)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from goat_dist.data.synth import generate
+
+    stats = generate(args.out, users=args.users, items=args.items, interactions=args.interactions,
+                     modalities=args.modalities, user_profiles=args.user_profiles, seed=args.seed)
+    for key, value in stats.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    import importlib
+
+    names = ["sampler", "sinkhorn"] if args.name == "all" else [args.name]
+    code = 0
+    for name in names:
+        module = importlib.import_module(f"benchmarks.bench_{name}")
+        code |= int(module.main(rest) or 0)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="goat", description="goat_dist: distributed RecGOAT training")
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML config")
+    t.add_argument("-c", "--config", required=True)
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    t.add_argument("--run-dir", default=None, help="run directory (default runs/<config name>)")
+    t.set_defaults(func=_cmd_train)
+
+    d = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    v = d.add_parser("validate", help="check a dataset folder and print its statistics")
+    v.add_argument("path")
+    v.set_defaults(func=_cmd_data_validate)
+    s = d.add_parser("synth", help="generate a synthetic dataset (streamed to disk)")
+    s.add_argument("--users", type=int, required=True)
+    s.add_argument("--items", type=int, required=True)
+    s.add_argument("--interactions", type=int, required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--modalities", type=_parse_modalities, default={})
+    s.add_argument("--user-profiles", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_data_synth)
+
+    b = sub.add_parser("bench", help="benchmarks (each writes JSON and a PNG)")
+    b.add_argument("name", choices=["sampler", "sinkhorn", "all"])
+    b.set_defaults(func=_cmd_bench, takes_rest=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "takes_rest", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    setup_logging(args.log_level)
+    from goat_dist.config import ConfigError
+
+    try:
+        if getattr(args, "takes_rest", False):
+            return args.func(args, rest)
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"goat: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

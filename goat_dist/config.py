@@ -1,0 +1,321 @@
+"""Typed configuration: one dataclass per section, loaded from YAML, overridden with ``--set``.
+
+Design choices:
+- Sections are ``@dataclass(kw_only=True, slots=True)``; a config is a value passed explicitly,
+  never a module-level singleton.
+- Every YAML key must exist in its section: an unknown key or a wrong type is a ``ConfigError`` that
+  names the key and the file (or ``--set``) it came from.
+- ``--set section.key=value`` parses ``value`` as YAML (``4``, ``0.1``, ``[10, 5]``, ``true``,
+  ``{user_item: [10, 5]}``) and type-checks it like a file value.
+- The resolved config (defaults + file + overrides) is written to every run directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and its source."""
+
+
+@dataclass(kw_only=True, slots=True)
+class SynthConfig:
+    """Parameters of the built-in synthetic dataset (``goat data synth``)."""
+
+    users: int = 2000
+    items: int = 1000
+    interactions: int = 40000
+    modalities: dict[str, int] = field(default_factory=lambda: {"image": 64, "text": 48})
+    user_profiles: int = 32
+    seed: int = 0
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    path: str = "data/synthetic"
+    """Dataset folder or fsspec URL (goat format, an MMRec ``.inter`` file, or a user/item/split table)."""
+    format: str = "auto"
+    """``auto`` | ``goat`` (train/valid/test.txt) | ``inter`` (MMRec TSV) | ``table`` (parquet/CSV)."""
+    inter_file: str = ""
+    """For ``format: inter``/``table``: file name inside ``path`` (or a URL); empty = discover."""
+    item_features: dict[str, str] = field(default_factory=dict)
+    """modality name -> path/URL of an [n_items, dim] matrix; empty = discover ``item_<name>.npy``."""
+    user_features: dict[str, str] = field(default_factory=dict)
+    """name -> path/URL of an [n_users, dim] matrix; empty = discover ``user_<name>.npy``."""
+    generate_if_missing: bool = False
+    """When ``path`` does not exist, generate the synthetic dataset described by ``synth`` there."""
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass(kw_only=True, slots=True)
+class GraphConfig:
+    item_knn_k: int = 10
+    user_knn_k: int = 10
+    knn_block_size: int = 8192
+    cache_dir: str = ".cache/goat_graphs"
+    device: str = "auto"
+    """Where kNN runs: ``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
+
+
+@dataclass(kw_only=True, slots=True)
+class SamplingConfig:
+    fanouts: Any = -1
+    """Per hop list (``[10, 5]``), per relation mapping (``{user_item: [10, 5], item_item: [5]}``),
+    or ``-1`` for all neighbours everywhere."""
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    backend: str = "torch"
+    """``torch`` (ours, vectorised) or ``pyg_lib`` (when installed)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    dim: int = 64
+    id_layers: int = 3
+    """LightGCN layers over the user-item graph."""
+    use_item_modalities: bool = True
+    modalities: list[str] = field(default_factory=list)
+    """Which item modalities to use; empty = every one the dataset has."""
+    use_user_branch: bool = True
+    gat_layers: int = 1
+    gat_heads: int = 1
+    fusion: str = "oat"
+    """``oat`` | ``concat`` | ``sum`` | ``none`` (ID only)."""
+    alpha_init: float = 0.1
+    dropout: float = 0.1
+
+
+@dataclass(kw_only=True, slots=True)
+class OTConfig:
+    eps: float = 0.05
+    max_iter: int = 200
+    tol: float = 1e-6
+    cost_scale: float = 1.0
+    backend: str = "auto"
+    """``auto`` (Triton on CUDA, torch otherwise) | ``torch`` | ``triton``."""
+    w_weight: float = 0.0
+    """Weight of the transport cost W = <T, C> as a loss term (0 = logged only)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class LossConfig:
+    l2: float = 1e-4
+    cmcl_weight: float = 0.1
+    temperature: float = 0.2
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 1024
+    """Triples per rank per step."""
+    max_steps: int = 0
+    """Stop after this many steps (0 = unlimited, i.e. ``epochs`` decides)."""
+    epochs: int = 1
+    optimizer: str = "rowwise_adagrad"
+    """Sparse (ID table) optimiser: ``sgd`` | ``adagrad`` | ``rowwise_adagrad`` | ``adam`` (CUDA)."""
+    sparse_lr: float = 0.05
+    dense_optimizer: str = "adam"
+    dense_lr: float = 1e-3
+    grad_clip: float = 0.0
+    eval_every_epochs: int = 1
+    patience: int = 10
+    """Early stopping: evaluations without improvement on the validation metric."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DistConfig:
+    backend: str = "auto"
+    """``auto`` (nccl on CUDA, gloo otherwise) | ``gloo`` | ``nccl``."""
+    sharding: str = "row_wise"
+    """TorchRec sharding type of the ID tables: ``row_wise`` | ``table_wise`` | ``column_wise``."""
+    zero_stage: int = 2
+    bf16: bool = False
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [10, 20, 50])
+    metric: str = "recall@20"
+    """Validation metric used for model selection and early stopping."""
+    batch_size: int = 1024
+    user_sample: int = 0
+    """Evaluate on this many sampled users (0 = all)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    dir: str = ""
+    """Checkpoint root (path or URL); empty = ``<run_dir>/checkpoints``."""
+    every_steps: int = 0
+    keep: int = 3
+
+
+@dataclass(kw_only=True, slots=True)
+class LogConfig:
+    every_steps: int = 50
+    level: str = "INFO"
+    tensorboard: bool = True
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ot: OTConfig = field(default_factory=OTConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Type checking of plain YAML values against dataclass field types.
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``where``."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping (section {tp.__name__}), got {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_tp, f"{where} key"): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported config type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: type, values: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key (section '{where.split(':')[-1]}' accepts: "
+                              f"{', '.join(sorted(known))})")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config (or any section)."""
+    return {f.name: (to_dict(v) if dataclasses.is_dataclass(v := getattr(cfg, f.name)) else v)
+            for f in dataclasses.fields(cfg)}
+
+
+def from_dict(values: dict, source: str = "<dict>") -> Config:
+    """Build and type-check a Config from nested plain values; ``source`` names them in errors."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    return _build(Config, values, f"{source}:")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=0.1"`` -> (["train", "lr"], 0.1); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: the key must be section.key (e.g. train.batch_size=512)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from None
+    return parts, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file at ``path`` (if any) <- ``--set`` overrides, type-checked at each stage."""
+    values: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        from_dict(values, source)  # errors here name the file, before overrides muddy the source
+    for text in overrides:
+        parts, value = parse_override(text)
+        nested: Any = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        values = _merge(values, nested)
+        try:
+            from_dict(values, f"--set {text}")
+        except ConfigError as exc:
+            raise ConfigError(str(exc)) from None
+    return from_dict(values, source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with ``load_config``)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,1 @@
+"""goat_dist.ot"""

@@ -1,0 +1,24 @@
+"""Shared test fixtures: paths to the real datasets (skip when absent) and a tmp dataset maker."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_dataset(name: str) -> Path:
+    """Path of ``../shared/data/<name>``; skips the test when it is not there."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real dataset {path} not available")
+    return path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long accuracy runs (make test-accuracy), not in CI")
+    config.addinivalue_line("markers", "dist: real multi-process gloo tests")
