@@ -1,0 +1,1 @@
+"""goat_dist benchmarks: each module has ``main(argv) -> int`` and is reachable as ``goat bench NAME``."""
