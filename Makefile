@@ -53,3 +53,11 @@ test-accuracy: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Benchmark-only extras: PyG's C++ sampler baseline (torch-sparse) built from source against the local
+# torch (no wheels for torch 2.13 on the registry). Slow (~25 min on 2 cores); not part of install.
+.PHONY: bench-deps
+bench-deps:
+	@test -x $(VPY) || { echo "run 'make install' first"; exit 1; }
+	MAX_JOBS=2 $(PIP) install -c $(CONSTRAINTS) --no-build-isolation --no-deps torch-scatter==2.1.2
+	MAX_JOBS=2 $(PIP) install -c $(CONSTRAINTS) --no-build-isolation --no-deps torch-sparse==0.6.18
