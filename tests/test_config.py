@@ -1,0 +1,84 @@
+"""Config loading: defaults, YAML, --set overrides, errors naming key and source, round trip."""
+from __future__ import annotations
+
+import pytest
+
+from goat_dist.config import Config, ConfigError, load_config, parse_override, save_config, to_dict
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_typed_sections():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.train.batch_size == 1024 and cfg.sampling.fanouts == -1
+    assert cfg.eval.ks == [10, 20, 50]
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = write(tmp_path, "train:\n  batch_size: 256\n  dense_lr: 1\nsampling:\n  fanouts: [10, 5]\n")
+    cfg = load_config(p, ["train.seed=7", "sampling.fanouts={user_item: [3, 2]}", "model.fusion=sum"])
+    assert cfg.train.batch_size == 256
+    assert cfg.train.dense_lr == 1.0 and isinstance(cfg.train.dense_lr, float)  # int accepted for float
+    assert cfg.train.seed == 7
+    assert cfg.sampling.fanouts == {"user_item": [3, 2]}
+    assert cfg.model.fusion == "sum"
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "train:\n  batch_sise: 3\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert "c.yaml" in str(exc.value) and "train.batch_sise" in str(exc.value) and "unknown key" in str(exc.value)
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match="trian"):
+        load_config(write(tmp_path, "trian: {}\n"))
+
+
+@pytest.mark.parametrize("text,key", [("train:\n  batch_size: 2.5\n", "train.batch_size"),
+                                      ("train:\n  batch_size: '3'\n", "train.batch_size"),
+                                      ("log:\n  tensorboard: 1\n", "log.tensorboard"),
+                                      ("eval:\n  ks: [10, x]\n", "eval.ks[1]"),
+                                      ("data:\n  synth: 3\n", "data.synth")])
+def test_wrong_type_names_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, text))
+    assert key in str(exc.value) and "c.yaml" in str(exc.value)
+
+
+def test_override_errors_name_the_override():
+    with pytest.raises(ConfigError, match=r"--set train.nope=1.*train.nope"):
+        load_config(None, ["train.nope=1"])
+    with pytest.raises(ConfigError, match="section.key"):
+        parse_override("batch_size=3")
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(None, ["train.batch_size=big"])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [\n"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = load_config(None, ["train.batch_size=64", "data.item_features={image: /x/y.npy}"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert configs, "configs/ ships at least the synthetic default"
+    for path in configs:
+        load_config(path)
