@@ -1,0 +1,49 @@
+"""Run a function in W real gloo processes on this machine and collect what each rank returns.
+
+    def body(rank, world_size, x):          # module-level (it is pickled into the children)
+        ...
+        return {"loss": loss.detach()}      # anything torch.save can write
+
+    results = run_distributed(body, 2, x)   # [result of rank 0, result of rank 1]
+
+Each child initialises the default process group (gloo, ``tcp://127.0.0.1:<free port>``), runs
+``fn(rank, world_size, *args)`` with one intra-op thread, writes the result with ``torch.save`` to
+a temporary file, and destroys the group. An exception in any child fails the call with that
+child's traceback (torch.multiprocessing.spawn re-raises it).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _child(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    os.environ["RANK"] = str(rank)
+    os.environ["WORLD_SIZE"] = str(world_size)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float | None = None) -> list[Any]:
+    """Spawn ``world_size`` gloo processes running ``fn(rank, world_size, *args)``; return their results."""
+    with tempfile.TemporaryDirectory(prefix="goat_dist_test_") as out_dir:
+        mp.spawn(_child, args=(fn, world_size, free_port(), out_dir, args), nprocs=world_size, join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
