@@ -90,6 +90,8 @@ class ModelConfig:
     """``oat`` | ``concat`` | ``sum`` | ``none`` (ID only)."""
     alpha_init: float = 0.1
     dropout: float = 0.1
+    oat_ema_momentum: float = 0.1
+    """Momentum of the moving average of OAT statistics; eval-time plans are solved from it."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -109,6 +111,12 @@ class LossConfig:
     l2: float = 1e-4
     cmcl_weight: float = 0.1
     temperature: float = 0.2
+    infonce_symmetric: bool = True
+    """InfoNCE in both directions (a->b and b->a, averaged) or a->b only."""
+    infonce_local_loss: bool = True
+    """Distributed InfoNCE: local rows against global columns (True) or every rank computes all rows."""
+    infonce_chunk_size: int = 0
+    """Rows per chunk of the InfoNCE log-sum-exp (0 = no chunking)."""
 
 
 @dataclass(kw_only=True, slots=True)
