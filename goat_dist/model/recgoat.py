@@ -1,0 +1,294 @@
+"""RecGOAT on neighbour-sampled mini-batches (DESIGN.md section 1).
+
+    user  = LightGCN_u + beta * GAT_user(Linear(pref))            (second term only with the user branch)
+    item  = Fusion(LightGCN_i, {GAT_m(Linear(feat_m))}_m)          (OAT | concat | sum | none)
+    score(u, i) = <user_u, item_i>
+    loss  = BPR(user, item+, item-) + l2 * L2(raw ID embeddings) + cmcl_weight * CMCL + w_weight * sum_m W_m
+    CMCL  = mean of InfoNCE(user, item+), InfoNCE(view_a, view_b) for every pair of item views
+            (ID, each modality; over the batch's positive and negative items), and
+            InfoNCE(user ID view, user preference view) when the user branch is on — all MINIMISED.
+
+Design choices:
+- Built on any device, ``meta`` included: no data in constructors; ``embeddings.materialize_``
+  allocates and initialises (or the sharder does, for the ID tables).
+- Branch switches: ``use_item_modalities`` / ``modalities`` select item modalities (zero -> pure
+  LightGCN: the fused item is the LightGCN item), ``use_user_branch`` needs user preference
+  features (``user_feature_dim``); ``fusion`` picks the fusion.
+- The user branch is added to the LightGCN user with a learnable scalar ``beta`` (init
+  ``alpha_init``), so at initialisation the collaborative signal dominates, as for the items.
+- Loss convention ("shares", needed for rank-invariant training): every term returned by
+  ``compute_loss`` has the VALUE of the global-batch loss (all ranks print the same number) and the
+  GRADIENT of this rank's share, where the shares sum to the global loss: BPR and L2 are sums over
+  local triples divided by the GLOBAL batch size, InfoNCE follows ``losses.infonce``, the W term is
+  scaled by 1/world_size in the gradient (it is computed identically on every rank from all-reduced
+  statistics whose autograd all-reduce sums gradients back). Summing parameter gradients over ranks
+  therefore gives exactly the gradient of the single-process loss on the concatenated batch; an
+  averaging reducer (DDP, DeepSpeed) must be compensated by scaling the loss by world_size.
+- OAT statistics are taken over the triples' items (pos and neg, with multiplicity), so their sums
+  over ranks are the global batch's; eval uses the training EMA (see ``fusion.py``).
+- Full-graph inference (``compute_all_representations``) runs the same maths layer by layer over the
+  CSRs in chunks — the exactness test ties the two paths together.
+"""
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from goat_dist.config import LossConfig, ModelConfig, OTConfig
+from goat_dist.graph.csr import CSR
+from goat_dist.log import get_logger
+from goat_dist.losses import InfoNCE, bpr_loss, global_value_local_grad, l2_loss
+from goat_dist.model.embeddings import IdEmbeddings
+from goat_dist.model.fusion import FusionOutput, OATFusion, ReduceStats, build_fusion
+from goat_dist.model.gat import FeatureSource, GATEncoder
+from goat_dist.model.lightgcn import full_graph_lightgcn, lightgcn_blocks
+from goat_dist.sampling.blocks import ITEM, USER, USER_USER, MiniBatch, SampledSubgraph, item_item_relation
+
+log = get_logger(__name__)
+
+
+class RecGOAT(nn.Module):
+    """The composed model. See the module docstring for the maths.
+
+    Args:
+        cfg, ot_cfg: model and OT sections of the config.
+        n_users, n_items: table sizes (ids are range-checked against them).
+        item_feature_dims: modality name -> feature width, for every modality the dataset HAS
+            (``cfg.modalities`` selects among them; empty = all, sorted by name).
+        user_feature_dim: width of the user preference embeddings, or None (no user branch).
+        device: where parameters are created; ``"meta"`` builds without memory.
+    """
+
+    def __init__(self, cfg: ModelConfig, ot_cfg: OTConfig, n_users: int, n_items: int,
+                 item_feature_dims: Mapping[str, int], user_feature_dim: int | None = None,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.cfg, self.ot_cfg = cfg, ot_cfg
+        self.n_users, self.n_items, self.dim = int(n_users), int(n_items), int(cfg.dim)
+        if cfg.use_item_modalities:
+            unknown = [m for m in cfg.modalities if m not in item_feature_dims]
+            if unknown:
+                raise ValueError(f"model.modalities {unknown} not among the dataset's item features "
+                                 f"{sorted(item_feature_dims)}")
+            self.modalities: list[str] = list(cfg.modalities) or sorted(item_feature_dims)
+        else:
+            self.modalities = []
+        self.use_user_branch = bool(cfg.use_user_branch and user_feature_dim is not None)
+        if cfg.use_user_branch and user_feature_dim is None:
+            log.info("model.use_user_branch is on but the dataset has no user features: user branch off")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        with device:
+            self.id_emb = IdEmbeddings(n_users, n_items, cfg.dim, device=device)
+            self.item_encoders = nn.ModuleDict({
+                m: GATEncoder(item_feature_dims[m], cfg.dim, item_item_relation(m), cfg.gat_layers, cfg.gat_heads,
+                              cfg.dropout) for m in self.modalities})
+            self.fusion = build_fusion(cfg.fusion, cfg.dim, len(self.modalities), cfg.alpha_init, cfg.dropout,
+                                       ot_cfg, cfg.oat_ema_momentum)
+            if self.use_user_branch:
+                self.user_encoder = GATEncoder(int(user_feature_dim), cfg.dim, USER_USER, cfg.gat_layers,
+                                               cfg.gat_heads, cfg.dropout)
+                self.user_beta = nn.Parameter(torch.full((), float(cfg.alpha_init)))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Top-level parameters only (children reset themselves; see ``embeddings.materialize_``)."""
+        if self.use_user_branch:
+            self.user_beta.fill_(float(self.cfg.alpha_init))
+
+    # ------------------------------------------------------------------------------------------
+    # Mini-batch forward
+
+    def _item_views(self, batch: MiniBatch, item_features: Mapping[str, FeatureSource]) -> Tensor:
+        xs = []
+        for m in self.modalities:
+            if m not in item_features:
+                raise KeyError(f"item features for modality {m!r} missing (have {sorted(item_features)})")
+            xs.append(self.item_encoders[m](batch.item_item.get(m), item_features[m], seeds=batch.unique_items))
+        if not xs:
+            return torch.zeros((0, batch.unique_items.numel(), self.dim), device=batch.unique_items.device)
+        return torch.stack(xs)
+
+    def forward(self, batch: MiniBatch, item_features: Mapping[str, FeatureSource] | None = None,
+                user_features: FeatureSource | None = None, degrees: Mapping[str, Tensor] | None = None,
+                reduce_stats: ReduceStats | None = None) -> dict[str, Any]:
+        """Representations of the batch's unique users and items.
+
+        Args:
+            batch: ``MiniBatch`` with ``ui`` (``id_layers`` blocks), ``item_item[m]`` for every used
+                modality and ``user_user`` when the user branch is on (``gat_layers`` blocks each).
+            item_features: modality -> [n_items, f_m] tensor / numpy memmap / callable(ids).
+            user_features: [n_users, f_u] source (user branch only).
+            degrees: full-graph degrees ``{"user": [n_users], "item": [n_items]}`` for the unbiased
+                sampled LightGCN (needed when fanout < degree; None = no rescaling, exact at fanout -1).
+            reduce_stats: applied to the packed OAT statistics before the solve (all-reduce them).
+
+        Returns a dict (U = len(unique_users), I = len(unique_items), M = #modalities):
+            ``user`` [U, d] (scoring representation), ``item`` [I, d] (fused, scoring),
+            ``user_id`` [U, d] / ``item_id`` [I, d] (LightGCN outputs),
+            ``item_views`` {"id": [I, d], m: [I, d]}, ``user_views`` {"id", "pref"} or {},
+            ``user_emb0`` [U, d] / ``item_emb0`` [I, d] (raw ID embeddings, for L2),
+            ``W`` [M] or None, ``fusion`` (``FusionOutput``: plan, cost, weights ...).
+        """
+        item_features = item_features or {}
+        nu, ni = batch.unique_users.numel(), batch.unique_items.numel()
+        if self.cfg.id_layers > 0:
+            if batch.ui is None or len(batch.ui.blocks) != self.cfg.id_layers:
+                got = None if batch.ui is None else len(batch.ui.blocks)
+                raise ValueError(f"model.id_layers={self.cfg.id_layers} needs as many user-item blocks, got {got}")
+            sub = batch.ui
+            src_u, src_i = sub.blocks[0].src_nodes[USER], sub.blocks[0].src_nodes[ITEM]
+        else:
+            sub = SampledSubgraph({USER: batch.unique_users, ITEM: batch.unique_items}, [])
+            src_u, src_i = batch.unique_users, batch.unique_items
+        if sub.seeds[USER].numel() != nu or sub.seeds[ITEM].numel() != ni:
+            raise ValueError("the user-item subgraph's seeds must be the batch's unique users and items")
+        e_u, e_i = self.id_emb(src_u, src_i)
+        u_id, i_id = lightgcn_blocks(sub, e_u, e_i, None if degrees is None else dict(degrees))
+
+        xs = self._item_views(batch, item_features)
+        rows = torch.cat([batch.pos_index, batch.neg_index])
+        fo: FusionOutput = self.fusion(i_id, xs, stats_rows=rows, reduce_stats=reduce_stats)
+
+        user, user_views = u_id, {}
+        if self.use_user_branch:
+            if user_features is None:
+                raise ValueError("the user branch is on: pass user_features")
+            u_pref = self.user_encoder(batch.user_user, user_features, seeds=batch.unique_users)
+            user = u_id + self.user_beta * u_pref
+            user_views = {"id": u_id, "pref": u_pref}
+        item_views = {"id": i_id, **{m: xs[k] for k, m in enumerate(self.modalities)}}
+        return {"user": user, "item": fo.fused, "user_id": u_id, "item_id": i_id, "item_views": item_views,
+                "user_views": user_views, "user_emb0": e_u[:nu], "item_emb0": e_i[:ni], "W": fo.W, "fusion": fo}
+
+    # ------------------------------------------------------------------------------------------
+    # Loss
+
+    def compute_loss(self, out: Mapping[str, Any], batch: MiniBatch, loss_cfg: LossConfig, rank: int = 0,
+                     world_size: int = 1, group=None) -> tuple[Tensor, dict[str, float]]:
+        """Total loss and its (unweighted) parts, following the "shares" convention of the module
+        docstring (world_size 1: the plain loss).
+
+        Returns ``(total, {"bpr", "l2", "cmcl", "w", "loss"})`` — parts as Python floats, equal on
+        every rank; ``loss`` = total.
+        """
+        b_local = batch.users.numel()
+        device = out["user"].device
+        if world_size > 1:
+            b = torch.tensor([b_local], dtype=torch.float64, device=device)
+            dist.all_reduce(b, group=group)
+            b_global = float(b.item())
+        else:
+            b_global = float(b_local)
+        b_global = max(b_global, 1.0)
+        share = lambda t: global_value_local_grad(t, world_size, group)  # noqa: E731
+
+        u = out["user"].index_select(0, batch.user_index)
+        pos = out["item"].index_select(0, batch.pos_index)
+        neg = out["item"].index_select(0, batch.neg_index)
+        bpr = share(bpr_loss(u, pos, neg, denom=b_global))
+        l2 = share(l2_loss(out["user_emb0"].index_select(0, batch.user_index),
+                           out["item_emb0"].index_select(0, batch.pos_index),
+                           out["item_emb0"].index_select(0, batch.neg_index), denom=b_global))
+        total = bpr + loss_cfg.l2 * l2
+
+        cmcl = torch.zeros((), device=device)
+        if loss_cfg.cmcl_weight > 0:
+            nce = InfoNCE(loss_cfg.temperature, rank=rank, world_size=world_size,
+                          local_loss=loss_cfg.infonce_local_loss, chunk_size=loss_cfg.infonce_chunk_size or None,
+                          symmetric=loss_cfg.infonce_symmetric, group=group)
+            terms = [nce(u, pos, batch.users, batch.pos_items)]
+            rows = torch.cat([batch.pos_index, batch.neg_index])
+            ids = torch.cat([batch.pos_items, batch.neg_items])
+            views = out["item_views"]
+            for va, vb in combinations(list(views), 2):
+                terms.append(nce(views[va].index_select(0, rows), views[vb].index_select(0, rows), ids, ids))
+            if out["user_views"]:
+                uv = out["user_views"]
+                terms.append(nce(uv["id"].index_select(0, batch.user_index), uv["pref"].index_select(0, batch.user_index),
+                                 batch.users, batch.users))
+            cmcl = torch.stack(terms).mean()
+            total = total + loss_cfg.cmcl_weight * cmcl
+
+        w = torch.zeros((), device=device)
+        if out.get("W") is not None:
+            w_sum = out["W"].sum()
+            w = w_sum / world_size + (w_sum - w_sum / world_size).detach()
+            if self.ot_cfg.w_weight > 0:
+                total = total + self.ot_cfg.w_weight * w
+        parts = {"bpr": float(bpr.detach()), "l2": float(l2.detach()), "cmcl": float(cmcl.detach()),
+                 "w": float(w.detach()), "loss": float(total.detach())}
+        return total, parts
+
+    # ------------------------------------------------------------------------------------------
+    # Full-graph inference
+
+    def _device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @torch.no_grad()
+    def compute_all_representations(self, user_items: CSR, item_users: CSR,
+                                    item_features: Mapping[str, FeatureSource] | None = None,
+                                    user_features: FeatureSource | None = None,
+                                    item_graphs: Mapping[str, CSR] | None = None, user_graph: CSR | None = None,
+                                    chunk_size: int = 65536) -> tuple[Tensor, Tensor]:
+        """Scoring representations of ALL users and items (eval mode, full graphs, chunked).
+
+        Args:
+            user_items: training CSR, rows = users, columns = items, values = 1/sqrt(deg_u deg_i)
+                (computed from the CSR when values is None). ``item_users``: its transpose.
+            item_features / user_features: as in ``forward``.
+            item_graphs: modality -> item-item kNN CSR (row v lists v's neighbours);
+                ``user_graph``: user-user CSR (user branch).
+            chunk_size: rows per chunk for lookups, propagation and fusion.
+
+        The OAT plan comes from the training EMA of the statistics (as in eval-mode ``forward``);
+        before any training step, from the statistics of all items. Dropout is off.
+
+        **Shapes:** -> (user_reps [n_users, d], item_reps [n_items, d]); score = user_reps @ item_reps.T.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            device = self._device()
+            empty = torch.empty(0, dtype=torch.int64, device=device)
+
+            def lookup(node_type: str, ids: Tensor) -> Tensor:
+                if node_type == USER:
+                    return self.id_emb(ids, empty)[0]
+                return self.id_emb(empty, ids)[1]
+
+            u_id, i_id = full_graph_lightgcn(user_items, item_users, lookup, self.cfg.id_layers, self.dim,
+                                             device, chunk_size)
+            item_features, item_graphs = item_features or {}, item_graphs or {}
+            xs = [self.item_encoders[m].full_graph(item_graphs.get(m), item_features[m], self.n_items, chunk_size)
+                  for m in self.modalities]
+            items = torch.empty_like(i_id)
+            if isinstance(self.fusion, OATFusion):
+                stacked = torch.stack(xs)
+                flat = self.fusion.ema_statistics()
+                if flat is None:
+                    flat = self.fusion.statistics(i_id, stacked)
+                plan, _, _ = self.fusion.solve(flat)
+                for s in range(0, self.n_items, chunk_size):
+                    sl = slice(s, min(s + chunk_size, self.n_items))
+                    items[sl] = self.fusion.fuse(i_id[sl], stacked[:, sl], plan)[0]
+            else:
+                for s in range(0, self.n_items, chunk_size):
+                    sl = slice(s, min(s + chunk_size, self.n_items))
+                    part = torch.stack([x[sl] for x in xs]) if xs else i_id.new_zeros((0, sl.stop - s, self.dim))
+                    items[sl] = self.fusion(i_id[sl], part).fused
+            users = u_id
+            if self.use_user_branch:
+                if user_features is None:
+                    raise ValueError("the user branch is on: pass user_features")
+                users = u_id + self.user_beta * self.user_encoder.full_graph(user_graph, user_features, self.n_users,
+                                                                             chunk_size)
+            return users, items
+        finally:
+            self.train(was_training)
