@@ -1,0 +1,134 @@
+"""Blockwise kNN graphs against brute-force dense references on small inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from goat_dist.graph import build_user_item_graph, knn_graph, user_graph_from_interactions, user_knn_from_embeddings
+from goat_dist.graph.knn import GROUP, normalized_rows, topk_neighbours
+
+
+def dense_cosine(f: np.ndarray) -> np.ndarray:
+    x = f.astype(np.float64)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    x = np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+    return x @ x.T
+
+
+def reference_topk(score: np.ndarray, k: int, eligible: np.ndarray | None = None) -> list[list[int]]:
+    """Per row: the k columns != row with the largest score, ties -> smaller column (sorted ids).
+    ``eligible`` [N, N] bool restricts the candidates (fewer than k may remain)."""
+    n = score.shape[0]
+    out = []
+    for i in range(n):
+        cand = [j for j in range(n) if j != i and (eligible is None or eligible[i, j])]
+        cand.sort(key=lambda j: (-score[i, j], j))
+        out.append(sorted(cand[:k]))
+    return out
+
+
+def graph_rows(csr) -> list[list[int]]:
+    return [csr.indices[csr.indptr[r]:csr.indptr[r + 1]].tolist() for r in range(csr.n_rows)]
+
+
+def symmetric_with_self_loops(nbrs: list[list[int]]) -> list[list[int]]:
+    sets = [set(a) | {i} for i, a in enumerate(nbrs)]
+    for i, a in enumerate(nbrs):
+        for j in a:
+            sets[j].add(i)
+    return [sorted(s) for s in sets]
+
+
+@pytest.mark.parametrize("n,d,k,block", [(1000, 16, 4, 7), (1000, 16, 4, 4096), (150, 8, 10, 13), (30, 4, 29, 4)])
+def test_topk_is_exact(n, d, k, block):
+    """Covers the pruned path (n > GROUP * (k + 2)) and the whole-row path, several block sizes."""
+    rng = np.random.default_rng(n + k)
+    f = rng.standard_normal((n, d)).astype(np.float32)
+    x = normalized_rows(f, "cpu", pad_to=GROUP)
+    cols, sims = topk_neighbours(x, n, k, block_size=block, show_progress=False)
+    s = dense_cosine(f)
+    assert [c.tolist() for c in cols] == reference_topk(s, k)
+    np.testing.assert_allclose(sims.numpy(), np.take_along_axis(s, cols.numpy(), 1), atol=1e-5)
+
+
+def test_ties_and_zero_rows_break_by_smallest_index():
+    """One-hot features: similarities are exactly 0 or 1, so nearly every choice is a tie."""
+    rng = np.random.default_rng(3)
+    n, d, k = 1000, 6, 10
+    f = np.zeros((n, d), np.float32)
+    f[np.arange(n), rng.integers(0, d, n)] = rng.integers(1, 4, n)  # scaled one-hots
+    f[::37] = 0  # all-zero rows: cosine 0 with everything
+    g = knn_graph(f, k, block_size=61, device="cpu")
+    nbrs = reference_topk(dense_cosine(f), k)
+    assert graph_rows(g) == symmetric_with_self_loops(nbrs)
+    assert torch.isfinite(g.values).all()
+    zero_row = 37
+    assert nbrs[zero_row] == [j for j in range(k + 1) if j != zero_row][:k]
+
+
+def test_knn_graph_symmetric_self_loops_and_values():
+    rng = np.random.default_rng(5)
+    n, k = 200, 6
+    f = rng.standard_normal((n, 12)).astype(np.float32)
+    g = knn_graph(f, k, block_size=32, device="cpu")
+    s = dense_cosine(f)
+    assert graph_rows(g) == symmetric_with_self_loops(reference_topk(s, k))
+    rows = np.repeat(np.arange(n), g.degrees().numpy())
+    cols = g.indices.numpy()
+    dense = np.full((n, n), np.nan)
+    dense[rows, cols] = g.values.numpy()
+    np.testing.assert_array_equal(dense, dense.T)  # same value stored for i->j and j->i
+    expect = np.where(rows == cols, 1.0, s[rows, cols])
+    np.testing.assert_allclose(g.values.numpy(), expect, atol=1e-5)
+
+    plain = knn_graph(f, k, block_size=32, device="cpu", symmetrize=False, self_loops=False, with_values=False)
+    assert plain.values is None and (plain.degrees() == k).all()
+
+
+def test_block_size_does_not_change_the_graph():
+    rng = np.random.default_rng(7)
+    f = rng.standard_normal((700, 10)).astype(np.float32)
+    small = knn_graph(f, 5, block_size=7, device="cpu")
+    large = knn_graph(f, 5, block_size=100000, device="cpu")
+    assert torch.equal(small.indptr, large.indptr) and torch.equal(small.indices, large.indices)
+    np.testing.assert_allclose(small.values.numpy(), large.values.numpy(), atol=1e-6)
+    capped = knn_graph(f, 5, block_size=100000, device="cpu", max_block_bytes=4 * 704 * 3)  # 3 rows a block
+    assert torch.equal(capped.indices, large.indices)
+
+
+def test_float16_memmap_input(tmp_path):
+    rng = np.random.default_rng(9)
+    f16 = rng.standard_normal((300, 8)).astype(np.float16)
+    np.save(tmp_path / "item_image.npy", f16)
+    mm = np.load(tmp_path / "item_image.npy", mmap_mode="r")
+    g = knn_graph(mm, 4, block_size=50, device="cpu")
+    ref = knn_graph(f16.astype(np.float32), 4, block_size=300, device="cpu")
+    assert torch.equal(g.indices, ref.indices) and torch.equal(g.indptr, ref.indptr)
+    assert user_knn_from_embeddings(mm, 4, block_size=50, device="cpu").indices.equal(g.indices)
+
+
+def test_rejects_non_finite_features():
+    f = np.ones((5, 3), np.float32)
+    f[2, 1] = np.nan
+    with pytest.raises(ValueError, match="row 2"):
+        knn_graph(f, 2, device="cpu")
+
+
+@pytest.mark.parametrize("pair_budget", [1 << 20, 40, 1])
+def test_co_interaction_user_graph_matches_bruteforce(pair_budget):
+    """Small integer counts make ties common; pair_budget=1 forces the dense per-user fallback."""
+    rng = np.random.default_rng(11)
+    n_users, n_items, k = 40, 15, 3
+    users = rng.integers(0, n_users - 2, 150)  # the last two users are cold
+    items = rng.integers(0, n_items, 150)
+    g = build_user_item_graph(n_users, n_items, users, items)
+    a = np.zeros((n_users, n_items))
+    a[users, items] = 1
+    co = a @ a.T  # the dense reference, fine at this size
+    nbrs = reference_topk(co, k, eligible=co > 0)
+    out = user_graph_from_interactions(g, k, pair_budget=pair_budget)
+    assert graph_rows(out) == symmetric_with_self_loops(nbrs)
+    rows = np.repeat(np.arange(n_users), out.degrees().numpy())
+    np.testing.assert_array_equal(out.values.numpy(), co[rows, out.indices.numpy()])
+    assert graph_rows(out)[-1] == [n_users - 1]  # cold user: self-loop only
