@@ -79,7 +79,7 @@ def _read_arrow(url: str, name: str) -> tuple[pa.Table, bool]:
 
     try:
         table = pacsv.read_csv(
-            pa.py_buffer(data),
+            pa.py_buffer(data), read_options=pacsv.ReadOptions(use_threads=False),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
             convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
                                                  strings_can_be_null=False))
@@ -87,7 +87,10 @@ def _read_arrow(url: str, name: str) -> tuple[pa.Table, bool]:
         raise DataError(name, f"cannot parse: {exc}") from None
     if invalid:
         row = invalid[0]
-        line = row.number if row.number is not None else "?"
+        # pyarrow numbers rows without blank lines: find the line by its text (the first bad one)
+        lines = data.decode("utf-8").split("\n")
+        line = next((k + 1 for k, text in enumerate(lines) if text.rstrip("\r") == row.text.rstrip("\r")),
+                    row.number)
         raise DataError(name, f"wrong field count: {row.actual_columns} fields, the header has "
                               f"{row.expected_columns}", line=line)
     return table, True
