@@ -9,10 +9,10 @@ Design choices:
   number of random draws (no rejection loop, no per-node Python loop) and O(fanout) work per row,
   whatever the degree: power-law hubs cost the same as leaves.
 - Relabelling global -> local ids goes through one index-map buffer per node type (``[n_nodes]``
-  int64, ``-1`` = unseen), allocated once and reset only at the touched entries after each call:
+  int64, a large negative value = unseen), allocated once and reset only at the touched entries after each call:
   O(sampled edges) per batch instead of the O(E log E) sort of ``torch.unique`` and independent of
   the graph size. New nodes are numbered in order of first appearance; the first appearance of each
-  is found with a deterministic ``scatter_reduce(amin)``, so CPU and CUDA give the same numbering.
+  is found with a deterministic ``scatter_reduce(amax)``, so CPU and CUDA give the same numbering.
 - Blocks follow ``sampling/blocks.py``: a hop's destination nodes are ALL nodes reached so far (the
   previous hop's sources) and form the prefix of its source nodes; every destination node gets a
   fresh sample at every hop (as DGL's blocks), which is what an exact L-layer propagation needs.
@@ -36,6 +36,7 @@ log = get_logger(__name__)
 
 FAMILIES = ("user_item", "item_item", "user_user")
 BACKENDS = ("torch", "pyg_lib")
+_UNSEEN = -(2**62)  # index-map entry of a node not yet in the subgraph (below every relabel code)
 
 
 def pyg_lib_available() -> bool:
@@ -110,25 +111,25 @@ def resolve_fanouts(cfg_value: Any, relations_by_family: Mapping[str, list[Relat
 def floyd_sample(deg: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform ``k``-subsets of ``{0..deg_r-1}`` for every row ``r`` (Floyd's algorithm, vectorised).
 
-    Requires ``deg > k`` elementwise (rows with ``deg <= k`` take everything and never come here).
-    The subset (as a set) is uniform over all ``C(deg_r, k)`` subsets; the column order is not a
-    uniform permutation.
+    Round ``i`` draws ``t ~ U{0..j}`` with ``j = deg - k + i`` and keeps ``t`` unless it was already
+    chosen, else ``j`` (which cannot have been). Requires ``deg >= k`` elementwise. Every ``k``-subset
+    has probability ``1 / C(deg_r, k)``; the order within a row is not a uniform permutation. Work is
+    O(k^2) per row, independent of the degree; all ``k`` draws come from one ``torch.rand`` call.
 
-    **Shapes:** ``deg`` [m] int64 -> [m, k] int64 offsets, distinct within each row.
+    **Shapes:** ``deg`` [m] int64 -> [k, m] int64 offsets (column ``r`` = row ``r``'s subset).
     """
     m = deg.numel()
-    out = torch.empty((m, k), dtype=torch.int64, device=deg.device)
     if m == 0 or k == 0:
-        return out
-    # float64 keeps floor(u * (j + 1)) unbiased for degrees up to ~2**40.
-    u = torch.rand((m, k), generator=generator, dtype=torch.float64, device=deg.device)
-    for i in range(k):
-        j = deg - (k - i)                     # this round draws from {0..j}
-        t = torch.minimum((u[:, i] * (j + 1).to(torch.float64)).to(torch.int64), j)
-        if i:
-            taken = (out[:, :i] == t.unsqueeze(1)).any(1)
-            t = torch.where(taken, j, t)
-        out[:, i] = t
+        return torch.empty((k, m), dtype=torch.int64, device=deg.device)
+    j = (deg - k).unsqueeze(0) + torch.arange(k, device=deg.device).unsqueeze(1)       # [k, m]
+    # float64 keeps floor(u * (j + 1)) unbiased (to ~1e-12 relative) for degrees up to ~2**40.
+    u = torch.rand((k, m), generator=generator, dtype=torch.float64, device=deg.device)
+    out = u.mul_(j + 1).to(torch.int64)
+    torch.minimum(out, j, out=out)
+    for i in range(1, k):
+        # amax over uint8 is much cheaper than bool.any() on CPU.
+        taken = (out[:i] == out[i]).to(torch.uint8).amax(0).bool()
+        torch.where(taken, j[i], out[i], out=out[i])
     return out
 
 
@@ -136,27 +137,42 @@ def sample_rows(csr: CSR, rows: torch.Tensor, fanout: int, generator: torch.Gene
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Sample up to ``fanout`` distinct neighbours of every row (``-1``: all), uniformly.
 
+    A row with ``deg <= fanout`` takes all its neighbours; the others draw a uniform
+    ``fanout``-subset with :func:`floyd_sample`.
+
     **Shapes:** ``rows`` [n] int64 global row ids -> ``(dst [E] int64`` positions into ``rows``,
-    ``nbr [E] int64`` global column ids, ``weight [E] float32`` or None). Edges are grouped by row in
-    the order of ``rows``.
+    ``nbr [E] int64`` global column ids, ``weight [E] float32`` or None), ``E = sum(min(deg,
+    fanout))``. Edges come in a deterministic order (take-all rows first, then sampled rows).
     """
     dev = rows.device
-    start = csr.indptr[rows]
-    deg = csr.indptr[rows + 1] - start
-    cnt = deg if fanout < 0 else deg.clamp(max=fanout)
-    ptr = torch.cumsum(cnt, 0)
-    total = int(ptr[-1]) if ptr.numel() else 0
-    dst = torch.repeat_interleave(torch.arange(rows.numel(), device=dev), cnt, output_size=total)
-    off = torch.arange(total, device=dev) - (ptr - cnt)[dst]
-    if fanout >= 0:
-        big = (deg > fanout).nonzero().squeeze(1)
-        if big.numel():
-            chosen = floyd_sample(deg[big], fanout, generator)
-            slots = (ptr[big] - fanout).unsqueeze(1) + torch.arange(fanout, device=dev)
-            off[slots.reshape(-1)] = chosen.reshape(-1)
-    pos = start[dst] + off
-    nbr = csr.indices[pos].to(torch.int64)
-    weight = None if csr.values is None else csr.values[pos]
+    start = csr.indptr.index_select(0, rows)
+    deg = csr.indptr.index_select(0, rows + 1) - start
+    if fanout < 0:
+        small = None
+    else:
+        is_big = deg > fanout
+        big = is_big.nonzero().squeeze(1)
+        small = (~is_big).nonzero().squeeze(1) if big.numel() else None
+    parts_dst, parts_pos = [], []
+    if fanout < 0 or small is None or small.numel():
+        # Take-all rows: every edge position of the row.
+        if small is not None:
+            s_deg, s_start, s_rows = deg.index_select(0, small), start.index_select(0, small), small
+        else:
+            s_deg, s_start, s_rows = deg, start, None
+        ptr = torch.cumsum(s_deg, 0)
+        total = int(ptr[-1]) if ptr.numel() else 0
+        rl = torch.repeat_interleave(torch.arange(s_deg.numel(), device=dev), s_deg, output_size=total)
+        parts_pos.append(torch.arange(total, device=dev) + (s_start - ptr + s_deg).index_select(0, rl))
+        parts_dst.append(rl if s_rows is None else s_rows.index_select(0, rl))
+    if fanout >= 0 and big.numel():
+        off = floyd_sample(deg.index_select(0, big), fanout, generator)                  # [k, nb]
+        parts_pos.append((off + start.index_select(0, big).unsqueeze(0)).t().reshape(-1))
+        parts_dst.append(big.repeat_interleave(fanout))
+    pos = parts_pos[0] if len(parts_pos) == 1 else torch.cat(parts_pos)
+    dst = parts_dst[0] if len(parts_dst) == 1 else torch.cat(parts_dst)
+    nbr = csr.indices.index_select(0, pos).to(torch.int64)
+    weight = None if csr.values is None else csr.values.index_select(0, pos)
     return dst, nbr, weight
 
 
@@ -251,7 +267,7 @@ class NeighborSampler:
     def _map(self, t: str) -> torch.Tensor:
         m = self._maps.get(t)
         if m is None or m.device != self.device:
-            m = torch.full((self.n_nodes[t],), -1, dtype=torch.int64, device=self.device)
+            m = torch.full((self.n_nodes[t],), _UNSEEN, dtype=torch.int64, device=self.device)
             self._maps[t] = m
         return m
 
@@ -266,21 +282,18 @@ class NeighborSampler:
     @staticmethod
     def _relabel(map_: torch.Tensor, cand: torch.Tensor, n_known: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Local ids of ``cand`` (global); unseen ids get ``n_known, n_known+1, ...`` in order of first
-        appearance. Returns ``(local [len(cand)], new_nodes [n_new])`` and updates ``map_``."""
-        local = map_[cand]
-        is_new = local < 0
-        new_c = cand[is_new]
-        if new_c.numel() == 0:
-            return local, new_c
-        m = new_c.numel()
-        # Encode positions as codes < -1 (unseen entries hold -1) so that amin picks the first one.
-        code = torch.arange(m, device=cand.device) - (m + 2)
-        map_.scatter_reduce_(0, new_c, code, reduce="amin", include_self=True)
-        first = map_[new_c] == code
-        new_nodes = new_c[first]
-        map_[new_nodes] = torch.arange(n_known, n_known + new_nodes.numel(), device=cand.device)
-        local[is_new] = map_[new_c]
-        return local, new_nodes
+        appearance. Returns ``(local [len(cand)], new_nodes [n_new])`` and updates ``map_``.
+
+        ``map_`` holds local ids (>= 0) for known nodes and ``_UNSEEN`` otherwise. Scattering
+        ``code(p) = -2 - p`` with amax leaves known entries alone and gives every unseen node the
+        code of its first position ``p``: a deterministic "first occurrence" without sorting."""
+        m = cand.numel()
+        code = torch.arange(-2, -2 - m, -1, device=cand.device)
+        map_.scatter_reduce_(0, cand, code, reduce="amax", include_self=True)
+        first = (map_.index_select(0, cand) == code).nonzero().squeeze(1)
+        new_nodes = cand.index_select(0, first)
+        map_.index_copy_(0, new_nodes, torch.arange(n_known, n_known + new_nodes.numel(), device=cand.device))
+        return map_.index_select(0, cand), new_nodes
 
     def sample(self, seeds: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
                ) -> SampledSubgraph:
@@ -299,8 +312,8 @@ class NeighborSampler:
                     if int(ids.min()) < 0 or int(ids.max()) >= self.n_nodes[t]:
                         raise ValueError(f"seed ids of type {t!r} must lie in [0, {self.n_nodes[t]})")
                     ar = torch.arange(ids.numel(), device=dev)
-                    maps[t][ids] = ar
-                    if not bool(torch.equal(maps[t][ids], ar)):
+                    maps[t].index_copy_(0, ids, ar)
+                    if not bool(torch.equal(maps[t].index_select(0, ids), ar)):
                         raise ValueError(f"seed ids of type {t!r} must be unique")
             blocks: list[Block] = []
             for hop in range(self.num_hops):
@@ -338,6 +351,6 @@ class NeighborSampler:
             self._maps.clear()  # scratch state may be half-written: start from fresh buffers
             raise
         for t, ids in nodes.items():
-            maps[t][ids] = -1
+            maps[t].index_fill_(0, ids, _UNSEEN)
         blocks.reverse()
         return SampledSubgraph(out_seeds, blocks)
