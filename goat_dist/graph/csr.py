@@ -58,14 +58,25 @@ def _group_by_row(n_rows: int, n_cols: int, nnz: int, chunks: EdgeChunks,
     Returns ``indptr`` [n_rows + 1] int64, ``indices`` [nnz] (``index_dtype(n_cols)``) and
     ``values`` [nnz] float32 or None."""
     counts = torch.zeros(n_rows, dtype=torch.int64)
+    ordered, last = True, -1  # already grouped by row (e.g. read from per-user adjacency lists)?
     for r, _, _ in chunks():
         if r.numel():
             counts += torch.bincount(r.to(index_dtype(n_rows)), minlength=n_rows)
+            ordered = ordered and int(r[0]) >= last and bool((r[1:] >= r[:-1]).all())
+            last = int(r[-1])
     indptr = torch.zeros(n_rows + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=indptr[1:])
     del counts
     indices = torch.empty(nnz, dtype=index_dtype(n_cols))
     values = torch.empty(nnz, dtype=torch.float32) if has_values else None
+    if ordered:  # nothing to move: copy the columns through
+        pos = 0
+        for r, c, v in chunks():
+            indices[pos:pos + r.numel()] = c
+            if values is not None:
+                values[pos:pos + r.numel()] = v
+            pos += r.numel()
+        return indptr, indices, values
     fill = indptr[:-1].clone()  # next free slot of every row
     for r, c, v in chunks():
         if not r.numel():
@@ -103,9 +114,21 @@ def _sort_dedup_rows(indptr: torch.Tensor, indices: torch.Tensor, values: torch.
         if end == start:
             r0 = r1
             continue
-        cols = indices[start:end].to(torch.int64)
-        local = torch.repeat_interleave(torch.arange(r1 - r0, dtype=torch.int64), indptr[r0 + 1:r1 + 1] - indptr[r0:r1])
-        key, order = torch.sort(local * n_cols + cols, stable=True)
+        cols = indices[start:end].to(torch.int64, copy=True)  # a copy: the compaction below overlaps
+        deg = indptr[r0 + 1:r1 + 1] - indptr[r0:r1]
+        local = torch.repeat_interleave(torch.arange(r1 - r0, dtype=torch.int64), deg)
+        key = local * n_cols + cols
+        if bool((key[1:] > key[:-1]).all()):  # already sorted and unique: shift left only
+            n_keep = end - start
+            new_deg[r0:r1] = deg
+            if write != start:
+                indices[write:write + n_keep] = cols.to(indices.dtype)
+                if values is not None:
+                    values[write:write + n_keep] = values[start:end].clone()
+            write += n_keep
+            r0 = r1
+            continue
+        key, order = torch.sort(key, stable=True)
         keep = torch.ones(key.numel(), dtype=torch.bool)
         keep[1:] = key[1:] != key[:-1]
         kept_rows = local[order][keep]

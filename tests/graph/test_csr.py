@@ -48,6 +48,25 @@ def test_from_edges_matches_reference(seed):
             for r, v in zip(rows_of(t)[c], t.values[t.indptr[c]:t.indptr[c + 1]].tolist())} == first
 
 
+@pytest.mark.parametrize("n_cols", [50, 2**32])
+def test_row_sorted_input_and_int64_columns(n_cols):
+    """Input grouped by row takes the copy-through path; partly sorted rows the shift-only path;
+    more than 2**31 columns need int64 indices."""
+    rng = np.random.default_rng(42)
+    n_rows = 20
+    rows = np.sort(rng.integers(0, n_rows, 200))  # non-decreasing everywhere
+    cols = rng.integers(0, n_cols, 200)
+    cols[:100] = np.sort(cols[:100])  # rows in this span have sorted columns
+    same_row = np.flatnonzero(rows[101:] == rows[100:-1])[::3] + 101
+    cols[same_row] = cols[same_row - 1]  # and a few duplicates
+    vals = rng.random(200).astype(np.float32)
+    csr = CSR.from_edges(rows, cols, n_rows, n_cols, vals, chunk=16)
+    adj, first = reference(rows, cols, vals, n_rows)
+    assert rows_of(csr) == adj
+    assert csr.indices.dtype == (torch.int32 if n_cols < 2**31 else torch.int64)
+    assert csr.values.tolist() == [first[(r, c)] for r in range(n_rows) for c in adj[r]]
+
+
 def test_from_edges_accepts_tensors_memmaps_and_no_values(tmp_path):
     rows = np.array([2, 0, 2, 2, 1], dtype=np.int64)
     cols = np.array([1, 3, 0, 1, 3], dtype=np.int32)
