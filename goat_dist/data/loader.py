@@ -281,6 +281,10 @@ def _load(cfg: DataConfig, *, collect: bool, check_features: bool = True) -> tup
     ds = RecDataset(n_users=n_users, n_items=n_items, splits=splits, item_features=item_feats,
                     user_features=user_feats, user_ids=sp.user_ids, item_ids=sp.item_ids,
                     duplicates=duplicates, source=f"{fmt}:{location}")
+    log.info("dataset %s: %d users, %d items, %s interactions%s", ds.source, n_users, n_items,
+             " / ".join(f"{k} {len(v)}" for k, v in splits.items()),
+             "".join(f", item '{k}' {tuple(v.shape)} {v.dtype}" for k, v in item_feats.items())
+             + "".join(f", user '{k}' {tuple(v.shape)} {v.dtype}" for k, v in user_feats.items()))
     return ds, out.errors
 
 
