@@ -1,15 +1,15 @@
 """Run a function in W real gloo processes on this machine and collect what each rank returns.
 
-    def body(rank, world_size, x):          # module-level (it is pickled into the children)
+    def body(rank, world_size, x):          # module-level (picklable, for start_method="spawn")
         ...
         return {"loss": loss.detach()}      # anything torch.save can write
 
     results = run_distributed(body, 2, x)   # [result of rank 0, result of rank 1]
 
-Each child initialises the default process group (gloo, ``tcp://127.0.0.1:<free port>``), runs
-``fn(rank, world_size, *args)`` with one intra-op thread, writes the result with ``torch.save`` to
+Each child (forked by default, spawned on request) initialises the default process group (gloo,
+``tcp://127.0.0.1:<free port>``), runs ``fn(rank, world_size, *args)`` with one intra-op thread, writes the result with ``torch.save`` to
 a temporary file, and destroys the group. An exception in any child fails the call with that
-child's traceback (torch.multiprocessing.spawn re-raises it).
+child's traceback (torch.multiprocessing re-raises it).
 """
 from __future__ import annotations
 
@@ -42,8 +42,14 @@ def _child(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, ar
         dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float | None = None) -> list[Any]:
-    """Spawn ``world_size`` gloo processes running ``fn(rank, world_size, *args)``; return their results."""
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, start_method: str = "fork") -> list[Any]:
+    """Start ``world_size`` gloo processes running ``fn(rank, world_size, *args)``; return their results.
+
+    ``start_method="fork"`` (default) skips re-importing torch in every child (seconds each on a busy
+    machine); use ``"spawn"`` when the parent holds state that must not be forked (CUDA, threads in
+    a collective).
+    """
     with tempfile.TemporaryDirectory(prefix="goat_dist_test_") as out_dir:
-        mp.spawn(_child, args=(fn, world_size, free_port(), out_dir, args), nprocs=world_size, join=True)
+        mp.start_processes(_child, args=(fn, world_size, free_port(), out_dir, args), nprocs=world_size, join=True,
+                           start_method=start_method)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

@@ -56,7 +56,8 @@ FUSIONS = ("oat", "concat", "sum", "none")
 @dataclass
 class FusionOutput:
     """fused [I, d]; aligned [M, I, d] (OAT) ; plan = T_m = d * P_m [M, d, d]; cost [M, d, d];
-    W [M]; weights [M + 1] (ID first). Fields a fusion does not produce are None."""
+    W [M]; weights [M + 1] (ID first); converged [M] bool (Sinkhorn met ``tol``; the row marginals
+    are exact either way). Fields a fusion does not produce are None."""
 
     fused: Tensor
     aligned: Tensor | None = None
@@ -64,6 +65,7 @@ class FusionOutput:
     cost: Tensor | None = None
     W: Tensor | None = None
     weights: Tensor | None = None
+    converged: Tensor | None = None
 
 
 class IdentityFusion(nn.Module):
@@ -163,11 +165,15 @@ class OATFusion(nn.Module):
 
     def solve(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Packed sums -> (T = d P [M, d, d] constant, C [M, d, d], W [M] with dW/dC = P)."""
+        plan, cost, w_value, _ = self._solve(flat)
+        return plan, cost, w_value
+
+    def _solve(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         sum_sq_m, sum_sq_id, cross, count = unpack_stats(flat, self.n_modalities, self.dim)
         cost = oat_cost_from_stats(sum_sq_m, sum_sq_id, cross, count.clamp_min(1.0), scale=self.ot_cfg.cost_scale)
         res = sinkhorn(cost, eps=self.ot_cfg.eps, max_iter=self.ot_cfg.max_iter, tol=self.ot_cfg.tol,
                        grad="envelope", backend=self.ot_cfg.backend)
-        return res.plan.detach() * self.dim, cost, res.cost_value
+        return res.plan.detach() * self.dim, cost, res.cost_value, res.converged
 
     @torch.no_grad()
     def _update_ema(self, flat: Tensor) -> None:
@@ -200,9 +206,9 @@ class OATFusion(nn.Module):
                 flat = reduce_stats(flat)
             if self.training:
                 self._update_ema(flat)
-        plan, cost, w_value = self.solve(flat)
+        plan, cost, w_value, converged = self._solve(flat)
         fused, aligned = self.fuse(x_id, xs, plan)
-        return FusionOutput(fused, aligned, plan, cost, w_value, self.weights())
+        return FusionOutput(fused, aligned, plan, cost, w_value, self.weights(), converged)
 
 
 def build_fusion(kind: str, dim: int, n_modalities: int, alpha_init: float, dropout: float, ot_cfg: OTConfig,

@@ -25,17 +25,19 @@ def full_subgraph(seeds: dict[str, list[int]], csrs: dict, num_layers: int) -> S
         edge_index, edge_weight = {}, {}
         for rel, csr in csrs.items():
             s_t, _, d_t = rel
+            indptr, indices = csr.indptr.tolist(), csr.indices.tolist()
+            values = None if csr.values is None else csr.values.tolist()
             es, ed, ew = [], [], []
             for j, v in enumerate(dst[d_t]):
-                for p in range(int(csr.indptr[v]), int(csr.indptr[v + 1])):
-                    nb = int(csr.indices[p])
+                for p in range(indptr[v], indptr[v + 1]):
+                    nb = indices[p]
                     if nb not in pos[s_t]:
                         pos[s_t][nb] = len(src[s_t])
                         src[s_t].append(nb)
                     es.append(pos[s_t][nb])
                     ed.append(j)
-                    if csr.values is not None:
-                        ew.append(float(csr.values[p]))
+                    if values is not None:
+                        ew.append(values[p])
             edge_index[rel] = torch.tensor([es, ed], dtype=torch.int64).reshape(2, -1)
             edge_weight[rel] = torch.tensor(ew, dtype=torch.float32) if csr.values is not None else None
         blocks.append(Block({t: torch.tensor(src[t], dtype=torch.int64) for t in types},
@@ -60,24 +62,56 @@ class TinyData:
     def __init__(self, n_users=24, n_items=20, n_edges=90, modalities=("image", "text"), feat_dims=(10, 7),
                  user_dim=6, knn=3, seed=0):
         rng = np.random.default_rng(seed)
+        rows = np.concatenate([np.arange(n_users), rng.integers(0, n_users, n_edges), rng.integers(0, n_users, n_items)])
+        cols = np.concatenate([rng.integers(0, n_items, n_users), rng.integers(0, n_items, n_edges), np.arange(n_items)])
+        item_features = {m: torch.randn(n_items, f, generator=torch.Generator().manual_seed(seed + k))
+                         for k, (m, f) in enumerate(zip(modalities, feat_dims))}
+        user_features = torch.randn(n_users, user_dim, generator=torch.Generator().manual_seed(seed + 99))
+        self.setup(rows, cols, n_users, n_items, item_features, user_features, knn)
+
+    def setup(self, rows, cols, n_users, n_items, item_features, user_features, knn):
+        """Every user and item must have at least one interaction."""
         self.n_users, self.n_items = n_users, n_items
-        rows = np.concatenate([np.arange(n_users), rng.integers(0, n_users, n_edges)])
-        cols = np.concatenate([rng.integers(0, n_items, n_users), rng.integers(0, n_items, n_edges)])
-        rows = np.concatenate([rows, rng.integers(0, n_users, n_items)])
-        cols = np.concatenate([cols, np.arange(n_items)])          # every item has a user
         ui = CSR.from_edges(rows, cols, n_users, n_items)
         deg_u = ui.degrees().double()
         deg_i = torch.bincount(ui.indices.long(), minlength=n_items).double()
+        assert deg_u.min() > 0 and deg_i.min() > 0
         r = torch.repeat_interleave(torch.arange(n_users), ui.degrees())
         ui.values = (deg_u[r] * deg_i[ui.indices.long()]).rsqrt().float()
         self.user_items = ui
         self.item_users = ui.transpose()
         self.deg = {USER: deg_u.long(), ITEM: deg_i.long()}
-        self.item_features = {m: torch.randn(n_items, f, generator=torch.Generator().manual_seed(seed + k))
-                              for k, (m, f) in enumerate(zip(modalities, feat_dims))}
-        self.user_features = torch.randn(n_users, user_dim, generator=torch.Generator().manual_seed(seed + 99))
-        self.item_graphs = {m: self._knn(self.item_features[m], knn) for m in modalities}
-        self.user_graph = self._knn(self.user_features, knn)
+        self.item_features = item_features
+        self.user_features = user_features
+        self.item_graphs = {m: self._knn(f, knn) for m, f in item_features.items()}
+        self.user_graph = self._knn(user_features, knn)
+
+    @classmethod
+    def planted(cls, n_users=48, n_items=36, clusters=3, per_user=6, seed=0):
+        """Users and items in clusters; users interact with items of their own cluster only; item
+        features (two modalities) and user features reveal the cluster through noise."""
+        rng = np.random.default_rng(seed)
+        cu, ci = np.arange(n_users) % clusters, np.arange(n_items) % clusters
+        rows, cols = [], []
+        for u in range(n_users):
+            pool = np.flatnonzero(ci == cu[u])
+            for i in rng.choice(pool, per_user, replace=False):
+                rows.append(u)
+                cols.append(int(i))
+        for i in range(n_items):                     # every item gets one user of its cluster
+            rows.append(int(rng.choice(np.flatnonzero(cu == ci[i]))))
+            cols.append(i)
+        onehot_i, onehot_u = np.eye(clusters)[ci], np.eye(clusters)[cu]
+        feats = {}
+        for k, (m, f) in enumerate((("image", 10), ("text", 7))):
+            proj = rng.standard_normal((clusters, f))
+            feats[m] = torch.tensor(onehot_i @ proj + 0.3 * rng.standard_normal((n_items, f)), dtype=torch.float32)
+        users = torch.tensor(onehot_u @ rng.standard_normal((clusters, 6)) + 0.3 * rng.standard_normal((n_users, 6)),
+                             dtype=torch.float32)
+        obj = cls.__new__(cls)
+        obj.setup(np.array(rows), np.array(cols), n_users, n_items, feats, users, 3)
+        obj.user_cluster, obj.item_cluster = torch.tensor(cu), torch.tensor(ci)
+        return obj
 
     @staticmethod
     def _knn(x: torch.Tensor, k: int) -> CSR:
