@@ -222,6 +222,130 @@ def _solve_log(p: _Prepared, eps: float, max_iter: int, tol: float, levels: list
     return f, g, n_iter, ~active, err
 
 
+def _scaling_bound(dtype: torch.dtype) -> float:
+    """|log u|, |log v| above which the scalings are absorbed into the potentials.
+
+    The plan is ``u_i K_ij v_j``; K entries below the dtype's smallest normal are lost, so the product
+    ``u_i v_j`` must stay small enough that a lost entry is a negligible plan entry:
+    float32: u, v in [1e-15, 1e15]; float64: [1e-100, 1e100].
+    """
+    return math.log(1e100) if dtype == torch.float64 else math.log(1e15)
+
+
+def _solve_stabilized(p: _Prepared, eps: float, max_iter: int, tol: float, levels: list[float]
+                      ) -> tuple[Tensor, Tensor, int, Tensor, Tensor, Tensor]:
+    """Kernel-space Sinkhorn with log-domain absorption (no autograd); the CPU fast path.
+
+    With potentials (f, g) and ``K_ij = exp((f_i + g_j - C_ij) / eps)`` the plan is
+    ``P = diag(u) K diag(v)``; the updates::
+
+        v = b / (K^T u)        (= g <- G(f) for the potentials g + eps log v)
+        u = a / (K v)          (= f <- F(g) for f + eps log u)
+
+    are the log-domain updates of :func:`_solve_log` (same order, same start f = 0), each one batched
+    matrix-vector product over K instead of ~5 passes over an [n, m] temporary.
+
+    Log-domain guarantee: K starts as ``exp((g0_j - C_ij) / eps)`` with ``g0_j = min_i (C_ij - f_i)``,
+    so every column's largest entry is 1 (the first ``K^T u`` cannot underflow). Whenever a problem's
+    new ``|log u|`` or ``|log v|`` exceeds :func:`_scaling_bound` (also what a clamped, underflowed
+    ``K v`` produces), that problem's iteration is redone exactly in the log domain from the previous
+    potentials, the scalings are absorbed (u = v = 1) and its K is rebuilt — K is never the all-zero
+    ``exp(-C / eps)`` of the reference code, and no precision is silently lost.
+
+    Returns f, g, n_iter, converged, err and the plan (built in place of K).
+    """
+    cost, ma, mb = p.cost, p.mask_a, p.mask_b
+    B, n, m = cost.shape
+    dt = cost.dtype
+    dev = cost.device
+    zero = torch.zeros((), dtype=dt, device=dev)
+    one = torch.ones((), dtype=dt, device=dev)
+    ninf = torch.full((), -math.inf, dtype=dt, device=dev)
+    tiny = torch.finfo(dt).tiny
+    bound = _scaling_bound(dt)
+    padded = not (bool(ma.all()) and bool(mb.all()))
+    valid = ma.unsqueeze(-1) & mb.unsqueeze(-2)
+    bias_a = torch.where(ma, zero, ninf)
+    bias_b = torch.where(mb, zero, ninf)
+    f = torch.zeros(B, n, dtype=dt, device=dev)
+    g = torch.zeros(B, m, dtype=dt, device=dev)
+    for e in levels:   # eps-scaling phase, log domain (one iteration per level)
+        g = torch.where(mb, e * (p.log_b - _col_lse(cost, f, bias_a, e)), zero)
+        f = torch.where(ma, e * (p.log_a - _row_lse(cost, g, bias_b, e)), zero)
+    n_iter = len(levels)
+    inv_eps = 1.0 / eps
+
+    def build_kernel(f_: Tensor, g_: Tensor, c_: Tensor, valid_: Tensor) -> Tensor:
+        k = torch.sub(g_.unsqueeze(-2), c_).add_(f_.unsqueeze(-1)).mul_(inv_eps).exp_()
+        return k.masked_fill_(~valid_, 0.0) if padded else k
+
+    # g0 = c-transform of f: largest entry of every column of K is exactly 1
+    shifted = cost - f.unsqueeze(-1)
+    if padded:
+        shifted = shifted.masked_fill_(~valid, math.inf)
+    g = torch.where(mb, -shifted.amin(-2), zero)
+    del shifted
+    K = build_kernel(f, g, cost, valid)
+    if dev.type == "cpu":
+        # CPU: one BLAS gemv per problem; torch.bmm with a vector operand is several times slower
+        # there (and stalls on thread barriers when the cores are shared)
+        def matvec_t(K_: Tensor, x: Tensor) -> Tensor:        # K^T x: [B, m]
+            out = torch.empty(K_.shape[0], K_.shape[2], dtype=dt, device=dev)
+            for i in range(K_.shape[0]):
+                torch.mv(K_[i].t(), x[i], out=out[i])
+            return out
+
+        def matvec(K_: Tensor, x: Tensor) -> Tensor:          # K x: [B, n]
+            out = torch.empty(K_.shape[0], K_.shape[1], dtype=dt, device=dev)
+            for i in range(K_.shape[0]):
+                torch.mv(K_[i], x[i], out=out[i])
+            return out
+    else:
+        def matvec_t(K_: Tensor, x: Tensor) -> Tensor:
+            return torch.bmm(x.unsqueeze(1), K_).squeeze(1)
+
+        def matvec(K_: Tensor, x: Tensor) -> Tensor:
+            return torch.bmm(K_, x.unsqueeze(-1)).squeeze(-1)
+
+    u = torch.where(ma, one, zero)
+    v = torch.where(mb, one, zero)
+    a_, b_ = p.a, p.b
+    KTu = matvec_t(K, u)                                              # [B, m]
+    err = torch.full((B,), math.inf, dtype=dt, device=dev)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    for _ in range(max_iter):
+        n_iter += 1
+        upd_b = active.unsqueeze(-1) & mb
+        upd_a = active.unsqueeze(-1) & ma
+        u_prev = u
+        v = torch.where(upd_b, b_ / KTu.clamp_min(tiny), v)
+        Kv = matvec(K, v)                                             # [B, n]
+        u = torch.where(upd_a, a_ / Kv.clamp_min(tiny), u)
+        lu = torch.where(ma, torch.log(torch.where(ma, u, one)), zero)
+        lv = torch.where(mb, torch.log(torch.where(mb, v, one)), zero)
+        bad = active & ((lu.abs().amax(-1) > bound) | (lv.abs().amax(-1) > bound))
+        if bool(bad.any()):
+            idx = bad.nonzero().squeeze(-1)
+            c_i, ma_i, mb_i = cost[idx], ma[idx], mb[idx]
+            f_i = torch.where(ma_i, f[idx] + eps * torch.log(torch.where(ma_i, u_prev[idx], one)), zero)
+            g_i = torch.where(mb_i, eps * (p.log_b[idx] - _col_lse(c_i, f_i, bias_a[idx], eps)), zero)
+            f_i = torch.where(ma_i, eps * (p.log_a[idx] - _row_lse(c_i, g_i, bias_b[idx], eps)), zero)
+            f[idx], g[idx] = f_i, g_i
+            K[idx] = build_kernel(f_i, g_i, c_i, valid[idx])
+            u[idx] = torch.where(ma_i, one, zero)
+            v[idx] = torch.where(mb_i, one, zero)
+        KTu = matvec_t(K, u)
+        err_now = (v * KTu - b_).abs().sum(-1)
+        err = torch.where(active, err_now, err)
+        active = active & ~(err_now <= tol)
+        if not bool(active.any()):
+            break
+    f = torch.where(ma, f + eps * torch.log(torch.where(ma, u, one)), zero)
+    g = torch.where(mb, g + eps * torch.log(torch.where(mb, v, one)), zero)
+    plan = K.mul_(u.unsqueeze(-1)).mul_(v.unsqueeze(-2))
+    return f, g, n_iter, ~active, err, plan
+
+
 # --------------------------------------------------------------------------------------------------
 # Outputs and gradients
 
@@ -246,7 +370,8 @@ class _EnvelopeValues(torch.autograd.Function):
     def forward(ctx, cost, a, b, plan, f, g, log_a, log_b, mask_a, mask_b, eps):
         ctx.save_for_backward(plan, f, g, log_a, log_b, mask_a, mask_b)
         ctx.eps = eps
-        cost_value = (plan * cost).sum((-1, -2))
+        B = plan.shape[0]
+        cost_value = torch.bmm(plan.reshape(B, 1, -1), cost.reshape(B, -1, 1)).reshape(B)
         reg_value = (f * a).sum(-1) + (g * b).sum(-1) + eps * (_entropy(a, mask_a) + _entropy(b, mask_b))
         return cost_value, reg_value
 
@@ -284,7 +409,8 @@ def sinkhorn(cost: Tensor, a: Tensor | None = None, b: Tensor | None = None, eps
             entries when None. Each problem's a and b must have equal total mass.
         eps: entropic regularisation (same convention as POT's ``reg``).
         max_iter: iterations (one f and one g update each) after the eps-scaling phase.
-        tol: stop a problem once its L1 column-marginal error is <= tol (<= 0: run max_iter).
+        tol: stop a problem once its L1 column-marginal error is <= tol (<= 0: run exactly max_iter
+            iterations; ``converged`` then reports err == 0).
         eps_schedule: None, ``"auto"`` or a decreasing sequence of eps values (eps-scaling).
         grad: ``"envelope"`` (default) or ``"unrolled"``.
         backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"torch"``, ``"torch_log"``
@@ -306,9 +432,13 @@ def sinkhorn(cost: Tensor, a: Tensor | None = None, b: Tensor | None = None, eps
         raise ValueError("cost contains NaN or Inf")
     levels = _eps_levels(eps, eps_schedule, p.cost.detach())
     eps = float(eps)
+    fixed = tol <= 0          # run exactly max_iter iterations
+    tol_run = -math.inf if fixed else float(tol)
 
     if grad == "unrolled":
-        f, g, n_iter, converged, err = _solve_log(p, eps, max_iter, tol, levels)
+        f, g, n_iter, converged, err = _solve_log(p, eps, max_iter, tol_run, levels)
+        if fixed:
+            converged = err <= 0
         plan = _plan(p.cost, f, g, p.mask_a, p.mask_b, eps)
         cost_value = (plan * p.cost).sum((-1, -2))
         reg_value = ((f * p.a).sum(-1) + (g * p.b).sum(-1)
@@ -321,13 +451,19 @@ def sinkhorn(cost: Tensor, a: Tensor | None = None, b: Tensor | None = None, eps
         use = backend
         if use == "auto":
             use = "triton" if pd.cost.is_cuda else "torch"
+        plan = None
         if use == "triton":
             from goat_dist.ot.sinkhorn_triton import solve_triton
 
-            f, g, n_iter, converged, err = solve_triton(pd, eps, max_iter, tol, levels)
+            f, g, n_iter, converged, err = solve_triton(pd, eps, max_iter, tol_run, levels)
+        elif use == "torch_log":
+            f, g, n_iter, converged, err = _solve_log(pd, eps, max_iter, tol_run, levels)
         else:
-            f, g, n_iter, converged, err = _solve_log(pd, eps, max_iter, tol, levels)
-        plan = _plan(pd.cost, f, g, pd.mask_a, pd.mask_b, eps)
+            f, g, n_iter, converged, err, plan = _solve_stabilized(pd, eps, max_iter, tol_run, levels)
+        if fixed:
+            converged = err <= 0
+        if plan is None:
+            plan = _plan(pd.cost, f, g, pd.mask_a, pd.mask_b, eps)
     cost_value, reg_value = _EnvelopeValues.apply(p.cost, p.a, p.b, plan, f, g, pd.log_a, pd.log_b,
                                                   p.mask_a, p.mask_b, eps)
     if not bool(converged.all()):
