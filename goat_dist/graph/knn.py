@@ -85,13 +85,17 @@ def _select_topk(vals: torch.Tensor, cols: torch.Tensor, k: int) -> tuple[torch.
     ascend along every row: all values above the k-th largest, then the tied ones with the smallest
     columns. Returns ``(cols [R, k], vals [R, k])``, ascending by column."""
     r = vals.shape[0]
-    kth = torch.topk(vals, k, dim=1).values[:, -1:]
+    if cols.dim() == 1:
+        cols = cols.expand(r, -1)
+    top = torch.topk(vals, k, dim=1)
+    kth = top.values[:, -1:]
+    if bool(((vals >= kth).sum(1) == k).all()):  # no tie at the k-th value anywhere: topk's set is it
+        idx = torch.sort(top.indices, dim=1).values
+        return cols.gather(1, idx), vals.gather(1, idx)
     above = vals > kth
     need = k - above.sum(1, keepdim=True)
     tied = vals == kth
     sel = above | (tied & (torch.cumsum(tied, 1) <= need))
-    if cols.dim() == 1:
-        cols = cols.expand(r, -1)
     return cols[sel].view(r, k), vals[sel].view(r, k)
 
 
@@ -138,7 +142,7 @@ def topk_neighbours(x: torch.Tensor, n: int, k: int, *, block_size: int = 8192, 
     n_pad, _ = x.shape
     device = x.device
     if max_block_bytes is None:
-        max_block_bytes = (1 << 32) if device.type == "cuda" else (1 << 28)
+        max_block_bytes = (1 << 32) if device.type == "cuda" else (1 << 29)
     rows_per_block = max(1, min(block_size, max_block_bytes // (4 * n_pad)))
     zero = x[:n].abs().amax(1) == 0 if n else torch.zeros(0, dtype=torch.bool, device=device)
     buf = torch.empty(rows_per_block, n_pad, dtype=torch.float32, device=device)
