@@ -64,8 +64,9 @@ class IdEmbeddings(nn.Module):
         check_ids(user_ids, self.n_users, "user")
         check_ids(item_ids, self.n_items, "item")
         nu, ni = user_ids.numel(), item_ids.numel()
-        # A KJT has one stride (rows per key): pad the shorter key with empty rows (length 0).
-        stride = max(nu, ni)
+        # A KJT has one stride (rows per key): pad the shorter key with empty rows (length 0). At least
+        # one row, so that a rank with nothing to look up still joins a sharded collection's all-to-all.
+        stride = max(nu, ni, 1)
         lengths = torch.zeros(2, stride, dtype=torch.int32, device=user_ids.device)
         lengths[0, :nu] = 1
         lengths[1, :ni] = 1

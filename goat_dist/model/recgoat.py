@@ -168,12 +168,20 @@ class RecGOAT(nn.Module):
     # Loss
 
     def compute_loss(self, out: Mapping[str, Any], batch: MiniBatch, loss_cfg: LossConfig, rank: int = 0,
-                     world_size: int = 1, group=None) -> tuple[Tensor, dict[str, float]]:
+                     world_size: int = 1, group=None) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and its (unweighted) parts, following the "shares" convention of the module
         docstring (world_size 1: the plain loss).
 
-        Returns ``(total, {"bpr", "l2", "cmcl", "w", "loss"})`` — parts as Python floats, equal on
-        every rank; ``loss`` = total.
+        Args:
+            out: the dict returned by ``forward`` for ``batch``.
+            loss_cfg: weights (``l2``, ``cmcl_weight``), ``temperature`` and the InfoNCE options;
+                the W weight is ``ot_cfg.w_weight`` (constructor).
+            rank, world_size, group: this process's place in the data-parallel group (the InfoNCE
+                all-gathers and the batch-size all-reduce use them; world_size 1 never communicates).
+
+        Returns ``(total, parts)``: ``total`` to backpropagate; ``parts`` = {"bpr", "l2", "cmcl", "w",
+        "loss"} as detached 0-dim tensors (unweighted values; equal on every rank; ``loss`` = total) —
+        call ``float()`` only when logging, to avoid a device sync per step.
         """
         b_local = batch.users.numel()
         device = out["user"].device
@@ -219,8 +227,8 @@ class RecGOAT(nn.Module):
             w = w_sum / world_size + (w_sum - w_sum / world_size).detach()
             if self.ot_cfg.w_weight > 0:
                 total = total + self.ot_cfg.w_weight * w
-        parts = {"bpr": float(bpr.detach()), "l2": float(l2.detach()), "cmcl": float(cmcl.detach()),
-                 "w": float(w.detach()), "loss": float(total.detach())}
+        parts = {"bpr": bpr.detach(), "l2": l2.detach(), "cmcl": cmcl.detach(), "w": w.detach(),
+                 "loss": total.detach()}
         return total, parts
 
     # ------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_forward_backward_every_fusion(n_mod, user_branch):
         assert (out["W"] is not None) == (fusion == "oat" and n_mod > 0)
         loss, parts = model.compute_loss(out, batch, LossConfig(l2=1e-3, cmcl_weight=0.1))
         assert torch.isfinite(loss) and set(parts) == {"bpr", "l2", "cmcl", "w", "loss"}
-        assert parts["cmcl"] > 0
+        assert float(parts["cmcl"]) > 0
         loss.backward()
         for name, p in model.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all(), (fusion, name)
@@ -69,6 +69,7 @@ def test_loss_parts_combine_with_weights():
     out = model(batch, data.item_features, data.user_features)
     cfg = LossConfig(l2=0.01, cmcl_weight=0.2)
     loss, p = model.compute_loss(out, batch, cfg)
+    p = {k: float(v) for k, v in p.items()}
     assert p["w"] > 0
     assert loss.item() == pytest.approx(p["bpr"] + 0.01 * p["l2"] + 0.2 * p["cmcl"] + 0.5 * p["w"], rel=1e-5)
     # BPR on (user repr, fused items): by hand
@@ -141,7 +142,7 @@ def test_training_on_planted_problem_reduces_loss_and_learns_clusters():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        history.append(parts)
+        history.append({k: float(v) for k, v in parts.items()})
     first = sum(h["loss"] for h in history[:5]) / 5
     last = sum(h["loss"] for h in history[-5:]) / 5
     assert last < 0.7 * first, (first, last)
