@@ -162,13 +162,15 @@ def sample_rows(csr: CSR, rows: torch.Tensor, fanout: int, generator: torch.Gene
             s_deg, s_start, s_rows = deg, start, None
         ptr = torch.cumsum(s_deg, 0)
         total = int(ptr[-1]) if ptr.numel() else 0
-        rl = torch.repeat_interleave(torch.arange(s_deg.numel(), device=dev), s_deg, output_size=total)
+        # Row of each output edge. (torch.repeat_interleave would do, but its CPU kernel goes parallel
+        # at any size and stalls for milliseconds when the cores are busy.)
+        rl = torch.searchsorted(ptr, torch.arange(total, device=dev), right=True)
         parts_pos.append(torch.arange(total, device=dev) + (s_start - ptr + s_deg).index_select(0, rl))
         parts_dst.append(rl if s_rows is None else s_rows.index_select(0, rl))
     if fanout >= 0 and big.numel():
         off = floyd_sample(deg.index_select(0, big), fanout, generator)                  # [k, nb]
         parts_pos.append((off + start.index_select(0, big).unsqueeze(0)).t().reshape(-1))
-        parts_dst.append(big.repeat_interleave(fanout))
+        parts_dst.append(big.unsqueeze(1).expand(-1, fanout).reshape(-1))
     pos = parts_pos[0] if len(parts_pos) == 1 else torch.cat(parts_pos)
     dst = parts_dst[0] if len(parts_dst) == 1 else torch.cat(parts_dst)
     nbr = csr.indices.index_select(0, pos).to(torch.int64)
