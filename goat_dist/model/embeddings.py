@@ -54,7 +54,7 @@ class IdEmbeddings(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """N(0, 0.1^2) for every entry of both tables (no-op on ``meta``)."""
-        for name, emb in self.collection.embeddings.items():
+        for emb in self.collection.embeddings.values():
             if emb.weight.device.type != "meta":
                 nn.init.normal_(emb.weight, mean=0.0, std=INIT_STD)
 

@@ -96,8 +96,9 @@ class GATEncoder(nn.Module):
         """Representations of all ``n_nodes`` nodes, layer by layer, destinations in chunks.
 
         ``graph``: CSR whose row v lists v's in-neighbours (the kNN graph). Each chunk is a 1-hop
-        block whose source list is [chunk nodes, all nodes], with a row's self-loop mapped to its own
-        chunk position, so GATConv sees exactly what a fanout -1 sampled block would show it.
+        block whose source list is [chunk nodes, the chunk's distinct neighbours], with a row's
+        self-loop mapped to its own chunk position, so GATConv sees exactly what a fanout -1 sampled
+        block would show it.
 
         **Shapes:** -> [n_nodes, d].
         """
@@ -116,8 +117,9 @@ class GATEncoder(nn.Module):
                 nbr = graph.indices[e0:e1].to(torch.int64).to(device)
                 dst = torch.repeat_interleave(torch.arange(r1 - r0, device=device),
                                               (graph.indptr[r0 + 1:r1 + 1] - graph.indptr[r0:r1]).to(device))
-                src = torch.where(nbr == dst + r0, dst, nbr + (r1 - r0))
-                x_src = torch.cat([h[r0:r1], h])
+                uniq, inv = torch.unique(nbr, return_inverse=True)
+                src = torch.where(nbr == dst + r0, dst, inv + (r1 - r0))
+                x_src = torch.cat([h[r0:r1], h.index_select(0, uniq)])
                 out[r0:r1] = conv((x_src, h[r0:r1]), torch.stack([src, dst]))
             h = F.elu(out) if layer + 1 < self.num_layers else out
         return h

@@ -122,8 +122,10 @@ class RecGOAT(nn.Module):
                 modality and ``user_user`` when the user branch is on (``gat_layers`` blocks each).
             item_features: modality -> [n_items, f_m] tensor / numpy memmap / callable(ids).
             user_features: [n_users, f_u] source (user branch only).
-            degrees: full-graph degrees ``{"user": [n_users], "item": [n_items]}`` for the unbiased
-                sampled LightGCN (needed when fanout < degree; None = no rescaling, exact at fanout -1).
+            degrees: full-graph degrees ``{"user": [n_users], "item": [n_items]}`` (e.g.
+                ``graphs.ui.user_degree`` / ``item_degree``, on the model's device) for the unbiased
+                sampled LightGCN: REQUIRED whenever a user-item fanout can be below a node's degree
+                (the sampler does not rescale edge weights); None = no rescaling, exact at fanout -1.
             reduce_stats: applied to the packed OAT statistics before the solve (all-reduce them).
 
         Returns a dict (U = len(unique_users), I = len(unique_items), M = #modalities):
