@@ -145,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller batch, d <= 256, 1 repeat")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for every contender (1: the CPU is shared, multi-thread timings are noise)")
     args = ap.parse_args(argv)
     setup_logging("INFO")
+    torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     repeats = 1 if args.quick else args.repeats
     machine = machine_info()
@@ -157,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         cases += run_case(f"train_d{d}", make_costs("oat", 4, d, dtype), repeats)
     for c in cases:
         c["machine"] = machine
-    payload = {"benchmark": "sinkhorn", "eps": EPS, "tol": TOL, "dtype": args.dtype, "cases": cases,
+    payload = {"benchmark": "sinkhorn", "eps": EPS, "tol": TOL, "dtype": args.dtype, "threads": args.threads,
+               "cases": cases,
                "cuda": cuda_cases(args.quick),
                "note": "CPU shared with other jobs while measured: timings are noisy"}
     path = write_json(args.json, payload)

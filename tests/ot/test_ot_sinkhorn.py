@@ -82,7 +82,7 @@ def test_matches_pot_small_eps_large_cost(backend):
         assert r.n_iter == iters
         for t in (r.plan, r.f, r.g, r.cost_value):
             assert torch.isfinite(t).all()
-        torch.testing.assert_close(r.plan[0].sum(-1), a, atol=1e-12, rtol=0)    # rows exact after f update
+        torch.testing.assert_close(r.plan[0].sum(-1), a, atol=0, rtol=1e-9)   # rows exact after f update (C/eps ~ 1e5)
         P = _pot(C, a, b, 1e-3, iters, 0.0)
         _check_close(r.plan[0], r.cost_value[0], P, C)
         assert bool(r.converged[0]) == bool(r.err[0] <= 0.0)
