@@ -10,6 +10,9 @@ repeats. Our blocks re-sample the seeds at hop 2 (every destination node of a bl
 as exact L-layer propagation needs), so we sample slightly more edges per batch than PyG does;
 both counts are reported.
 
+Ours runs with one intra-op thread (the headline; PyG's sampler is single-threaded C++ too) and
+again with the default thread count. On a shared machine, compare numbers from one run only.
+
 Case ``hetero`` (ours only; PyG has no torch-sparse hetero path here we could compare like for like):
 user-item in both directions plus an item-item kNN relation, seeds = 1,024 users + 1,024 items.
 
@@ -18,13 +21,14 @@ user-item in both directions plus an item-item kNN relation, seeds = 1,024 users
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import RESULTS_DIR, append_result_row, machine_info, plot_bars, time_fn, write_json
+from benchmarks.harness import RESULTS_DIR, append_result_row, machine_info, plot_bars, write_json
 from goat_dist.graph.csr import CSR
 from goat_dist.log import get_logger
 from goat_dist.sampling.blocks import ITEM, ITEM_TO_USER, USER, USER_TO_ITEM, item_item_relation
@@ -66,63 +70,92 @@ def edges_of(sg) -> int:
     return sum(int(ei.shape[1]) for b in sg.blocks for ei in b.edge_index.values())
 
 
-def bench_ours(sampler: NeighborSampler, seeds: list[dict], repeats: int, device: str) -> dict:
+class Runner:
+    """One timed configuration: ``run()`` samples every seed batch once and returns the edge count."""
+
+    def __init__(self, name: str, run, threads: int | None = None, device: str = "cpu") -> None:
+        self.name, self.run, self.threads, self.device = name, run, threads, device
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.edges: list[int] = []
+
+    def once(self, record: bool = True) -> None:
+        before = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            w0, c0 = time.perf_counter(), time.thread_time()
+            edges = self.run()
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            wall, cpu = time.perf_counter() - w0, time.thread_time() - c0
+        finally:
+            torch.set_num_threads(before)
+        if record:
+            self.wall.append(wall)
+            self.cpu.append(cpu)
+            self.edges.append(edges)
+
+    def summary(self, n_batches: int) -> dict:
+        edges = statistics.mean(self.edges)
+        wall, cpu = statistics.median(self.wall), statistics.median(self.cpu)
+        return {"median_s": wall, "min_s": min(self.wall), "max_s": max(self.wall), "repeats": len(self.wall),
+                "edges_per_batch": edges / n_batches, "ms_per_batch": 1e3 * wall / n_batches,
+                "edges_per_s": edges / wall, "median_thread_cpu_s": cpu, "cpu_edges_per_s": edges / cpu,
+                "threads": self.threads}
+
+
+def interleaved(runners: list[Runner], repeats: int) -> None:
+    """Warm up each runner, then time them in turn, ``repeats`` rounds: on a shared machine every
+    configuration sees the same mix of load (``harness.time_fn`` would time them back to back)."""
+    for r in runners:
+        r.once(record=False)
+    for _ in range(repeats):
+        for r in runners:
+            r.once()
+
+
+def ours_runner(name: str, sampler: NeighborSampler, seeds: list[dict], device: str, threads: int | None
+                ) -> Runner:
     g = torch.Generator(device=device)
     g.manual_seed(0)
-    counts: list[int] = []
-    sync = torch.cuda.synchronize if device == "cuda" else None
 
-    def run():
-        total = 0
-        for s in seeds:
-            total += edges_of(sampler.sample(s, g))
-        counts.append(total)
+    def run() -> int:
+        return sum(edges_of(sampler.sample(s, g)) for s in seeds)
 
-    t = time_fn(run, repeats=repeats, warmup=1, sync=sync)
-    edges = statistics.mean(counts)
-    return {"median_s": t["median_s"], "min_s": t["min_s"], "max_s": t["max_s"],
-            "edges_per_batch": edges / len(seeds), "ms_per_batch": 1e3 * t["median_s"] / len(seeds),
-            "edges_per_s": edges / t["median_s"]}
+    return Runner(name, run, threads, device)
 
 
-def pyg_baseline(csr: CSR, seeds: list[torch.Tensor], fanouts: list[int], repeats: int) -> dict:
-    """PyG's NeighborSampler on the same graph; returns ``{"available": False, "reason"}`` when it
-    cannot run with torch-sparse here."""
+def pyg_runner(csr: CSR, seeds: list[torch.Tensor], fanouts: list[int]) -> tuple[Runner | None, dict]:
+    """PyG's NeighborSampler on the same graph, or ``(None, {"available": False, "reason"})``."""
     try:
         import torch_geometric.typing as pyg_typing
         from torch_geometric.data import Data
         from torch_geometric.sampler import NeighborSampler as PygNeighborSampler
         from torch_geometric.sampler import NodeSamplerInput
     except Exception as exc:  # pragma: no cover - torch_geometric is a dependency
-        return {"available": False, "reason": f"torch_geometric not importable: {exc}"}
+        return None, {"available": False, "reason": f"torch_geometric not importable: {exc}"}
     if pyg_typing.WITH_PYG_LIB:
         backend = "pyg-lib"
     elif pyg_typing.WITH_TORCH_SPARSE:
         backend = "torch-sparse"
     else:
-        return {"available": False, "reason": "neither pyg-lib nor torch-sparse is importable "
-                                              "(run `make bench-deps` to build torch-sparse)"}
+        return None, {"available": False, "reason": "neither pyg-lib nor torch-sparse is importable "
+                                                    "(run `make bench-deps` to build torch-sparse)"}
     # PyG's edge_index is [src; dst] and it samples each seed's incoming edges: our CSR row = dst.
-    dst = torch.repeat_interleave(torch.arange(csr.n_rows), csr.degrees())
+    dst = torch.searchsorted(csr.indptr, torch.arange(csr.nnz), right=True) - 1
     data = Data(edge_index=torch.stack([csr.indices.to(torch.int64), dst]), num_nodes=csr.n_rows)
     t0 = time.perf_counter()
     sampler = PygNeighborSampler(data, num_neighbors=fanouts, replace=False)
     build_s = time.perf_counter() - t0
     del data, dst
-    counts: list[int] = []
 
-    def run():
-        total = 0
-        for s in seeds:
-            out = sampler.sample_from_nodes(NodeSamplerInput(input_id=None, node=s))
-            total += int(out.row.numel())
-        counts.append(total)
+    def run() -> int:
+        return sum(int(sampler.sample_from_nodes(NodeSamplerInput(input_id=None, node=s)).row.numel())
+                   for s in seeds)
 
-    t = time_fn(run, repeats=repeats, warmup=1)
-    edges = statistics.mean(counts)
-    return {"available": True, "backend": backend, "build_s": build_s, "median_s": t["median_s"],
-            "min_s": t["min_s"], "max_s": t["max_s"], "edges_per_batch": edges / len(seeds),
-            "ms_per_batch": 1e3 * t["median_s"] / len(seeds), "edges_per_s": edges / t["median_s"]}
+    # torch-sparse's sampler is single-threaded C++; 1 thread keeps its small torch ops off OpenMP too.
+    return Runner("pyg", run, 1), {"available": True, "backend": backend, "build_s": build_s}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,21 +186,27 @@ def main(argv: list[str] | None = None) -> int:
     seeds = seed_batches(n, args.batch_size, args.batches, args.seed + 1)
 
     ours_sampler = NeighborSampler({REL: csr.to(dev)}, {REL: list(args.fanouts)})
-    ours = bench_ours(ours_sampler, [{"node": s.to(dev)} for s in seeds], args.repeats, dev)
-    ours_1t = None
-    if dev == "cpu" and torch.get_num_threads() > 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            ours_1t = bench_ours(ours_sampler, [{"node": s} for s in seeds], args.repeats, dev)
-        finally:
-            torch.set_num_threads(threads)
-    if args.no_baseline:
-        base = {"available": False, "reason": "--no-baseline"}
-    else:
-        base = pyg_baseline(csr, seeds, list(args.fanouts), args.repeats)
-    base_eps = base.get("edges_per_s") if base["available"] else None
+    ours_seeds = [{"node": s.to(dev)} for s in seeds]
+    threads = torch.get_num_threads()
+    # Headline: one intra-op thread, like PyG's single-threaded C++ sampler and like a DataLoader
+    # worker (PyTorch sets 1 thread there); the default thread count is timed beside it.
+    runners = [ours_runner("ours", ours_sampler, ours_seeds, dev, 1 if dev == "cpu" else None)]
+    if dev == "cpu" and threads > 1:
+        runners.append(ours_runner("ours_mt", ours_sampler, ours_seeds, dev, threads))
+    base: dict = {"available": False, "reason": "--no-baseline"}
+    if not args.no_baseline:
+        pyg, base = pyg_runner(csr, seeds, list(args.fanouts))
+        if pyg is not None:
+            runners.append(pyg)
+    log.info("timing %s: %d rounds of %d batches", [r.name for r in runners], args.repeats, args.batches)
+    interleaved(runners, args.repeats)
+    res = {r.name: r.summary(len(seeds)) for r in runners}
+    ours, ours_mt = res["ours"], res.get("ours_mt")
+    if "pyg" in res:
+        base.update(res["pyg"])
+    base_eps = base.get("edges_per_s")
     ratio = (ours["edges_per_s"] / base_eps) if base_eps else None
+    ratio_cpu = (ours["cpu_edges_per_s"] / base["cpu_edges_per_s"]) if base_eps else None
 
     # Heterogeneous three-relation case (ours only).
     n_users, n_items = (30_000, 20_000) if args.quick else (600_000, 400_000)
@@ -181,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     hseeds = [{USER: u.to(dev), ITEM: i.to(dev)} for u, i in
               zip(seed_batches(n_users, args.batch_size, args.batches, args.seed + 4),
                   seed_batches(n_items, args.batch_size, args.batches, args.seed + 5))]
-    hetero = bench_ours(hetero_sampler, hseeds, args.repeats, dev)
+    h = ours_runner("hetero", hetero_sampler, hseeds, dev, 1 if dev == "cpu" else None)
+    interleaved([h], args.repeats)
+    hetero = h.summary(len(hseeds))
 
     payload = {
         "benchmark": "sampler",
@@ -190,8 +231,12 @@ def main(argv: list[str] | None = None) -> int:
                      else f"unavailable: {base['reason']}"),
         "baseline_edges_per_s": base_eps,
         "ratio": ratio,
+        "ratio_thread_cpu": ratio_cpu,
         "hetero_edges_per_s": hetero["edges_per_s"],
-        "ours_1thread_edges_per_s": None if ours_1t is None else ours_1t["edges_per_s"],
+        "ours_threads": 1 if dev == "cpu" else None,
+        "ours_default_threads_edges_per_s": None if ours_mt is None else ours_mt["edges_per_s"],
+        "default_threads": threads,
+        "load_average": list(os.getloadavg()),
         "machine": machine,
         "inputs": {"nodes": n, "edges": m, "nnz_after_dedup": csr.nnz, "max_degree": int(deg.max()),
                    "mean_degree": float(deg.float().mean()), "batch_size": args.batch_size,
@@ -200,13 +245,13 @@ def main(argv: list[str] | None = None) -> int:
                    "hetero": {"users": n_users, "items": n_items, "user_item_edges": ui.nnz,
                               "item_item_edges": ii.nnz, "relations": [list(r) for r in graphs],
                               "seeds": {"user": args.batch_size, "item": args.batch_size}}},
-        "ours": ours, "ours_1thread": ours_1t, "baseline_detail": base, "hetero": hetero,
+        "ours": ours, "ours_default_threads": ours_mt, "baseline_detail": base, "hetero": hetero,
     }
     out = write_json(args.json, payload)
     plot_path = Path(args.plot) if args.plot else out.with_suffix(".png")
-    labels = ["ours"] + (["ours (1 thread)"] if ours_1t else []) + (["PyG+" + base["backend"]] if base_eps else []) \
-        + ["ours hetero (3 rel.)"]
-    values = [ours["edges_per_s"] / 1e6] + ([ours_1t["edges_per_s"] / 1e6] if ours_1t else []) \
+    labels = ["ours (1 thread)" if dev == "cpu" else "ours (cuda)"] + ([f"ours ({threads} threads)"] if ours_mt else []) \
+        + (["PyG+" + base["backend"]] if base_eps else []) + ["ours hetero (3 rel.)"]
+    values = [ours["edges_per_s"] / 1e6] + ([ours_mt["edges_per_s"] / 1e6] if ours_mt else []) \
         + ([base_eps / 1e6] if base_eps else []) + [hetero["edges_per_s"] / 1e6]
     plot_bars(plot_path, labels, values, ylabel="M sampled edges / s",
               title=f"Neighbour sampling, {n:,} nodes / {m:,} edges, batch {args.batch_size}, "
@@ -219,16 +264,18 @@ def main(argv: list[str] | None = None) -> int:
         append_result_row("sampler", f"hetero 3 relations, {args.batch_size}+{args.batch_size} seeds, "
                           f"{args.fanouts} ({dev})", f"{hetero['edges_per_s'] / 1e6:.1f} M edges/s",
                           "n/a", float("nan"), machine)
-    print(f"ours: {ours['edges_per_s'] / 1e6:.2f} M edges/s ({ours['ms_per_batch']:.1f} ms/batch, "
+    print(f"ours (1 thread): {ours['edges_per_s'] / 1e6:.2f} M edges/s ({ours['ms_per_batch']:.1f} ms/batch, "
           f"{ours['edges_per_batch']:.0f} edges/batch)")
-    if ours_1t:
-        print(f"ours, 1 thread: {ours_1t['edges_per_s'] / 1e6:.2f} M edges/s")
+    if ours_mt:
+        print(f"ours, {threads} threads: {ours_mt['edges_per_s'] / 1e6:.2f} M edges/s")
     if base_eps:
         print(f"baseline {payload['baseline']}: {base_eps / 1e6:.2f} M edges/s ({base['ms_per_batch']:.1f} "
-              f"ms/batch, {base['edges_per_batch']:.0f} edges/batch); ratio {ratio:.2f}")
+              f"ms/batch, {base['edges_per_batch']:.0f} edges/batch); ratio {ratio:.2f} "
+              f"(thread-CPU-time ratio {ratio_cpu:.2f})")
     else:
         print(f"baseline {payload['baseline']}")
     print(f"hetero (3 relations): {hetero['edges_per_s'] / 1e6:.2f} M edges/s ({hetero['ms_per_batch']:.1f} ms/batch)")
+    print(f"load average during the run: {payload['load_average']} on {machine['cores']} cores")
     print(f"wrote {out} and {plot_path}")
     return 0
 
