@@ -4,6 +4,8 @@
     goat data validate DIR
     goat data synth --users U --items I --interactions E --out DIR [--modalities image:512,text:384]
                     [--user-profiles 384] [--seed S]
+    goat data profiles DIR --text item_text.tsv
+    goat data movielens ../shared/data/ml-100k --out data/ml100k
     goat bench sampler|sinkhorn|all [--json FILE] [benchmark options]
 """
 from __future__ import annotations
@@ -53,6 +55,23 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_profiles(args: argparse.Namespace) -> int:
+    from goat_dist.data.profiles import make_profiles
+
+    for key, value in make_profiles(args.path, args.text, max_items=args.max_items).items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def _cmd_data_movielens(args: argparse.Namespace) -> int:
+    from goat_dist.data.movielens import make_ml100k
+
+    for key, n in make_ml100k(args.src, args.out, seed=args.seed, min_rating=args.min_rating).items():
+        print(f"{key}: {n}")
+    print(f"item texts: {args.out}/item_text.tsv (next: goat data profiles {args.out} --text item_text.tsv)")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     import importlib
 
@@ -89,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_data_synth)
 
+    pr = d.add_parser("profiles", help="encode item texts and user preference profiles (all-MiniLM-L6-v2)")
+    pr.add_argument("path", help="dataset folder (goat format)")
+    pr.add_argument("--text", required=True, help="item text TSV: item_id<TAB>title[<TAB>cat1|cat2]")
+    pr.add_argument("--max-items", type=int, default=20, help="recent training items named in a profile")
+    pr.set_defaults(func=_cmd_data_profiles)
+    ml = d.add_parser("movielens", help="MovieLens-100K -> goat format + item_text.tsv")
+    ml.add_argument("src", help="folder with u.data and u.item")
+    ml.add_argument("--out", required=True)
+    ml.add_argument("--seed", type=int, default=0)
+    ml.add_argument("--min-rating", type=int, default=4)
+    ml.set_defaults(func=_cmd_data_movielens)
+
     b = sub.add_parser("bench", help="benchmarks (each writes JSON and a PNG)")
     b.add_argument("name", choices=["sampler", "sinkhorn", "all"])
     b.set_defaults(func=_cmd_bench, takes_rest=True)
@@ -102,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     setup_logging(args.log_level)
     from goat_dist.config import ConfigError
+    from goat_dist.data.errors import DataError
 
     try:
         if getattr(args, "takes_rest", False):
@@ -109,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"goat: config error: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        print(f"goat: data error: {exc}", file=sys.stderr)
         return 2
 
 

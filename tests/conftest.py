@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -22,3 +23,13 @@ def shared_dataset(name: str) -> Path:
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long accuracy runs (make test-accuracy), not in CI")
     config.addinivalue_line("markers", "dist: real multi-process gloo tests")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Test tensors are tiny: one intra-op thread beats two (thread hand-offs cost more than the
+    maths, ~40x on a loaded 2-core machine). Restored after every test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

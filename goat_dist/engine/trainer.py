@@ -114,8 +114,9 @@ class Trainer:
         return self
 
     # ------------------------------------------------------------------------------------------
-    def train_step(self, batch) -> dict[str, float]:
-        """Forward, loss, backward and optimiser step on one mini-batch; returns the loss parts."""
+    def train_step(self, batch) -> dict[str, torch.Tensor]:
+        """Forward, loss, backward and optimiser step on one mini-batch; returns the loss parts
+        (detached 0-dim tensors)."""
         self.model.train()
         batch = batch.to(self.device)
         out = self.model(batch, self.item_features, self.user_features, degrees=self.degrees)
@@ -125,7 +126,7 @@ class Trainer:
             self.dense_opt.zero_grad(set_to_none=True)
         total.backward()
         if self.cfg.train.grad_clip > 0:
-            parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
+            parts["grad_norm"] = (torch.nn.utils.clip_grad_norm_(
                 [p for g in (self.dense_opt.param_groups if self.dense_opt else []) for p in g["params"]],
                 self.cfg.train.grad_clip))
         self.sparse_opt.step()
@@ -183,6 +184,8 @@ class Trainer:
                 st.step += 1
                 n_last += batch.users.numel()
                 if st.step % cfg.log.every_steps == 0:
+                    # parts are 0-dim tensors: converting only here keeps the other steps free of syncs
+                    parts = {k: float(v) for k, v in parts.items()}
                     dt = time.perf_counter() - t_last
                     rate = n_last / dt if dt > 0 else 0.0
                     self.logger.log("train", st.step, epoch=st.epoch, loss=parts["loss"],
