@@ -15,6 +15,7 @@ Design choices:
 from __future__ import annotations
 
 import io
+import mmap
 import re
 
 import numpy as np
@@ -72,8 +73,18 @@ def load_matrix(url: str, *, name: str | None = None) -> np.ndarray:
 def check_finite(name: str, arr: np.ndarray, block_rows: int = _SCAN_ROWS) -> None:
     """Raise DataError ``FILE: row R: ...`` at the first row holding NaN or +-Inf (blocked scan, so a
     memory-mapped matrix is streamed, never loaded whole)."""
+    # a memory-mapped matrix is scanned with plain reads, so the scan does not leave gigabytes of
+    # mapped pages counted in this process's resident set
+    whole_file = isinstance(arr, np.memmap) and isinstance(arr.base, mmap.mmap) and arr.flags.c_contiguous
+    path = getattr(arr, "filename", None) if whole_file else None
+    row_bytes = arr.shape[1] * arr.dtype.itemsize if arr.ndim == 2 else 0
     for lo in range(0, arr.shape[0], block_rows):
-        block = np.asarray(arr[lo:lo + block_rows])
+        n = min(block_rows, arr.shape[0] - lo)
+        if path is not None:
+            block = np.fromfile(path, dtype=arr.dtype, count=n * arr.shape[1],
+                                offset=arr.offset + lo * row_bytes).reshape(n, arr.shape[1])
+        else:
+            block = np.asarray(arr[lo:lo + n])
         ok = np.isfinite(block)
         if not ok.all():
             r, c = np.argwhere(~ok)[0]

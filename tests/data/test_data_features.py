@@ -64,3 +64,12 @@ def test_discovery_and_feat_convention(mem_url):
         f.write(b"x")
     with pytest.raises(DataError, match=r"^image_feat\.npy: ambiguous"):
         discover_features(mem_url)
+
+
+def test_non_finite_in_a_memmap_slice_names_the_slice_row(tmp_path):
+    arr = np.zeros((100, 3), np.float32)
+    arr[70, 0] = np.nan
+    np.save(tmp_path / "item_image.npy", arr)
+    m = load_matrix(str(tmp_path / "item_image.npy"))
+    with pytest.raises(DataError, match=r"row 20: NaN in column 0"):
+        check_finite("item_image.npy", m[50:], block_rows=8)
