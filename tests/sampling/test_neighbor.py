@@ -31,12 +31,13 @@ def gen(seed: int, device="cpu") -> torch.Generator:
 SEEDS = {USER: torch.tensor([0, 7, 3, 29]), ITEM: torch.tensor([5, 1])}
 
 
-@pytest.mark.parametrize("hops", [1, 3])
-def test_fanout_all_equals_bruteforce_neighbourhood(hops):
+@pytest.mark.parametrize("hops,seeds", [(1, SEEDS), (3, SEEDS), (2, {USER: torch.tensor([4, 2])}),
+                                         (2, {ITEM: torch.empty(0, dtype=torch.int64)})])
+def test_fanout_all_equals_bruteforce_neighbourhood(hops, seeds):
     graphs = hetero_graphs()
     sampler = NeighborSampler(graphs, {r: [-1] * hops for r in graphs})
-    sg = sampler.sample(SEEDS, gen(0))
-    ref = full_neighbourhood_reference(graphs, {t: v.tolist() for t, v in SEEDS.items()}, hops)
+    sg = sampler.sample(seeds, gen(0))
+    ref = full_neighbourhood_reference(graphs, {t: v.tolist() for t, v in seeds.items()}, hops)
     assert len(sg.blocks) == hops
     for h, (ref_nodes, ref_edges) in enumerate(ref):
         block = sg.blocks[hops - 1 - h]
