@@ -69,6 +69,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def build(self) -> "Trainer":
         cfg = self.cfg
+        if cfg.train.num_threads > 0:
+            torch.set_num_threads(cfg.train.num_threads)
         torch.manual_seed(cfg.train.seed)
         t0 = time.perf_counter()
         self.dataset = ds = prepare_dataset(cfg.data)

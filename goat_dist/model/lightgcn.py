@@ -8,7 +8,7 @@ Design choices:
 - Mini-batch: one ``Block`` per layer, outermost hop first; a node's layer-k state is the row of its
   local index (destination nodes are a prefix of the source nodes), so the seeds' layer-k states are
   the first ``n_seed`` rows of every layer and the layer mean needs no gathers. Aggregation is one
-  ``index_add_`` per relation per layer, no per-node loops.
+  sparse-CSR matmul per relation per layer (backward through the transposed CSR), no per-node loops.
 - Sampling estimator: when a destination node v keeps s_v of its D_v neighbours (uniformly, without
   replacement), its sum is multiplied by D_v / s_v, which makes every layer an unbiased estimate of the
   full sum given the previous layer. This needs the full-graph degrees D (``degrees`` argument, indexed
@@ -20,6 +20,7 @@ Design choices:
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -28,6 +29,34 @@ from torch import Tensor
 from goat_dist.graph.csr import CSR
 from goat_dist.sampling.blocks import ITEM, ITEM_TO_USER, USER, USER_TO_ITEM, Block, Relation, SampledSubgraph
 
+# The sparse-CSR matmul used here (CSR @ dense, forward and backward) is stable; silence torch's blanket
+# "beta" notice, once per process.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+class _CSRMatmul(torch.autograd.Function):
+    """``A @ h`` with ``A`` a fixed (no-grad) sparse CSR matrix; backward ``A^T @ grad`` through a
+    precomputed CSR of ``A^T`` (torch's own sparse-CSR backward transposes on every call)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, a_t: Tensor, h: Tensor) -> Tensor:  # noqa: D102
+        ctx.a_t = a_t
+        return a @ h
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        return None, None, ctx.a_t @ grad.contiguous()
+
+
+def _csr(rows: Tensor, cols: Tensor, vals: Tensor, n_rows: int, n_cols: int) -> Tensor:
+    """Sparse CSR [n_rows, n_cols] from COO triplets (duplicates kept: they add up in a matmul)."""
+    if rows.numel() > 1 and not bool((rows[1:] >= rows[:-1]).all()):
+        order = torch.argsort(rows, stable=True)
+        rows, cols, vals = rows.index_select(0, order), cols.index_select(0, order), vals.index_select(0, order)
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=crow[1:])
+    return torch.sparse_csr_tensor(crow, cols, vals, (n_rows, n_cols), check_invariants=False)
+
 
 def aggregate(block: Block, rel: Relation, h_src: Tensor, degrees: Tensor | None = None) -> Tensor:
     """One relation of one block: ``out[v] = scale_v * sum_{(u,v)} w_uv h_src[u]`` for dst nodes v.
@@ -35,24 +64,30 @@ def aggregate(block: Block, rel: Relation, h_src: Tensor, degrees: Tensor | None
     ``scale_v = D_v / s_v`` (full / sampled degree) when ``degrees`` [n_nodes of dst type] is given,
     else 1. Missing edge weights count as 1.
 
+    Computed as one sparse-CSR matmul ``A @ h_src`` with ``A[v, u] = scale_v w_uv`` (the scale folded
+    into the edge values), backward ``A^T @ grad``: no [E, d] message tensor is materialised, which
+    is ~5x faster on CPU than gather + ``index_add`` at full fanout.
+
     **Shapes:** h_src [n_src(src_type), d] -> [n_dst(dst_type), d].
     """
     src_t, _, dst_t = rel
     n_dst = block.n_dst[dst_t]
-    out = h_src.new_zeros((n_dst, h_src.shape[1]))
     ei = block.edge_index.get(rel)
     if ei is None or ei.numel() == 0:
-        return out
-    msg = h_src.index_select(0, ei[0])
+        return h_src.new_zeros((n_dst, h_src.shape[1]))
+    src, dst = ei[0], ei[1]
     w = block.edge_weight.get(rel)
-    if w is not None:
-        msg = msg * w.to(msg.dtype).unsqueeze(1)
-    out = out.index_add(0, ei[1], msg)
+    vals = (torch.ones(src.numel(), device=h_src.device, dtype=h_src.dtype) if w is None
+            else w.to(h_src.device, h_src.dtype))
     if degrees is not None:
-        sampled = torch.bincount(ei[1], minlength=n_dst).to(out.dtype)
-        full = degrees.to(out.device)[block.src_nodes[dst_t][:n_dst]].to(out.dtype)
-        out = out * (full / sampled.clamp_min(1.0)).unsqueeze(1)
-    return out
+        sampled = torch.bincount(dst, minlength=n_dst).to(h_src.dtype)
+        full = degrees.to(h_src.device)[block.src_nodes[dst_t][:n_dst]].to(h_src.dtype)
+        vals = vals * (full / sampled.clamp_min(1.0)).index_select(0, dst)
+    n_src = h_src.shape[0]
+    a = _csr(dst, src, vals, n_dst, n_src)
+    if not h_src.requires_grad:
+        return a @ h_src
+    return _CSRMatmul.apply(a, _csr(src, dst, vals, n_src, n_dst), h_src)
 
 
 def lightgcn_blocks(subgraph: SampledSubgraph, h_user: Tensor, h_item: Tensor,
@@ -92,7 +127,8 @@ def csr_norm_values(csr: CSR) -> Tensor:
 
 
 def csr_spmm(csr: CSR, h: Tensor, chunk_size: int = 65536, values: Tensor | None = None) -> Tensor:
-    """``out[r] = sum_{c in row r} values[rc] * h[c]`` in row chunks (memory O(chunk edges * d)).
+    """``out[r] = sum_{c in row r} values[rc] * h[c]`` in row chunks, one sparse-CSR matmul per chunk
+    (memory O(chunk edges + chunk rows * d), no [E, d] messages).
 
     **Shapes:** h [n_cols, d] -> [n_rows, d].
     """
@@ -105,10 +141,10 @@ def csr_spmm(csr: CSR, h: Tensor, chunk_size: int = 65536, values: Tensor | None
         if e1 == e0:
             continue
         cols = csr.indices[e0:e1].to(torch.int64).to(h.device)
-        rows = torch.repeat_interleave(torch.arange(r1 - r0, device=h.device),
-                                       (indptr[r0 + 1:r1 + 1] - indptr[r0:r1]).to(h.device))
-        msg = h.index_select(0, cols) * vals[e0:e1].to(h.device, h.dtype).unsqueeze(1)
-        out[r0:r1].index_add_(0, rows, msg)
+        crow = (indptr[r0:r1 + 1] - e0).to(h.device)
+        a = torch.sparse_csr_tensor(crow, cols, vals[e0:e1].to(h.device, h.dtype), (r1 - r0, csr.n_cols),
+                                    check_invariants=False)
+        out[r0:r1] = a @ h
     return out
 
 
