@@ -35,6 +35,22 @@ class _RankFilter(logging.Filter):
         return rank == 0 or record.levelno >= logging.WARNING
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (not the stream current at set-up, which a
+    test runner or a redirect may since have closed)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property ignores it
+        pass
+
+
 def setup_logging(level: str | int = "INFO") -> None:
     """Configure the package logger once (idempotent). Called by the CLI and launchers."""
     root = logging.getLogger(_ROOT)
@@ -42,13 +58,12 @@ def setup_logging(level: str | int = "INFO") -> None:
         level = logging.getLevelName(level.upper())
     root.setLevel(level)
     if not any(getattr(h, "_goat", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler._goat = True  # type: ignore[attr-defined]
         handler.addFilter(_RankFilter())
         handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s",
                                                datefmt="%H:%M:%S"))
         root.addHandler(handler)
-        root.propagate = False
 
 
 def get_logger(name: str) -> logging.Logger:
