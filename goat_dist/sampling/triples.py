@@ -8,6 +8,15 @@ Design choices:
   a trainer that runs collectives every step must agree on ``min`` over ranks, or use
   ``drop_last=True`` with a batch size that divides the shards). ``drop_last=True`` drops this
   rank's final partial batch, so those interactions are not visited that epoch.
+- ``shard="global_batch"`` (optional; used by the distributed trainer for rank-invariant training):
+  step ``i`` takes the GLOBAL batch ``perm[i*G:(i+1)*G]`` with ``G = batch_size * world_size`` and
+  its negatives drawn exactly as a single process with batch size ``G`` draws them (generator
+  ``(seed, epoch, 0, 1, i)``, over the whole global batch); rank ``r`` keeps rows
+  ``[r*n//W, (r+1)*n//W)`` of the ``n`` rows. So the union of the ranks' batch ``i`` is the
+  single-process batch ``i`` (same triples, same order, same negatives) for any ``W``, every rank has
+  the same number of batches, and a short last batch is split as evenly as possible (a rank may
+  get zero rows). Each rank draws the whole global batch's negatives (vectorised; cheap next to
+  the model) and discards the others'.
 - Batch ``i`` is random-access: its negatives come from a generator seeded by
   ``(seed, epoch, rank, world_size, i)``, so a batch does not depend on which process (DataLoader
   worker) computes it nor on the batches before it; that is what makes resume exact.
@@ -25,6 +34,7 @@ import torch
 from goat_dist.graph.csr import CSR
 
 MAX_REJECTION_ROUNDS = 10_000
+SHARD_MODES = ("strided", "global_batch")
 
 
 def derive_seed(*parts: int) -> int:
@@ -69,7 +79,8 @@ class TripleSampler:
     """
 
     def __init__(self, train_users, train_items, n_items: int, user_items_csr: CSR, batch_size: int,
-                 seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
+                 seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = False,
+                 shard: str = "strided") -> None:
         users = torch.as_tensor(np.asarray(train_users) if not torch.is_tensor(train_users) else train_users)
         items = torch.as_tensor(np.asarray(train_items) if not torch.is_tensor(train_items) else train_items)
         if users.dim() != 1 or users.shape != items.shape:
@@ -79,6 +90,8 @@ class TripleSampler:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if shard not in SHARD_MODES:
+            raise ValueError(f"shard must be one of {', '.join(SHARD_MODES)}, got {shard!r}")
         if user_items_csr.n_cols != n_items:
             raise ValueError(f"user_items_csr has {user_items_csr.n_cols} item columns, n_items is {n_items}")
         if users.numel():
@@ -97,6 +110,7 @@ class TripleSampler:
         self.batch_size = int(batch_size)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.drop_last = bool(drop_last)
+        self.shard_mode = shard
         self.epoch = 0
         self.position = 0
         self._shard: torch.Tensor | None = None
@@ -115,15 +129,35 @@ class TripleSampler:
         return int(self.users.numel())
 
     @property
+    def global_batch_size(self) -> int:
+        """Triples per step over all ranks (``shard="global_batch"``; ``batch_size * world_size``)."""
+        return self.batch_size * self.world_size
+
+    @property
     def shard_size(self) -> int:
-        """Interactions in this rank's shard: ``ceil((E - rank) / W)``."""
+        """Interactions in this rank's shard: ``ceil((E - rank) / W)`` (strided); the rows this rank
+        keeps over the epoch's batches (global_batch)."""
+        if self.shard_mode == "global_batch":
+            nb, full = self.num_batches, self.num_interactions // self.global_batch_size
+            lo, hi = self._slice(nb - 1) if nb > full else (0, 0)
+            return min(nb, full) * self.batch_size + hi - lo
         return max(0, (self.num_interactions - self.rank + self.world_size - 1) // self.world_size)
 
     @property
     def num_batches(self) -> int:
-        """Batches this rank yields per epoch (ranks differ by at most one)."""
+        """Batches this rank yields per epoch (strided: ranks differ by at most one; global_batch:
+        the same on every rank)."""
+        if self.shard_mode == "global_batch":
+            n, g = self.num_interactions, self.global_batch_size
+            return n // g if self.drop_last else -(-n // g)
         n = self.shard_size
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _slice(self, index: int) -> tuple[int, int]:
+        """global_batch mode: this rank's [lo, hi) rows of global batch ``index``."""
+        g = self.global_batch_size
+        n = min(g, self.num_interactions - index * g)
+        return self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
 
     def __len__(self) -> int:
         return self.num_batches
@@ -144,12 +178,14 @@ class TripleSampler:
 
     # ---- batches ---------------------------------------------------------------------------------
     def shard(self, epoch: int | None = None) -> torch.Tensor:
-        """This rank's interaction indices for ``epoch`` in visiting order, [shard_size] int64 (cached)."""
+        """This rank's interaction indices for ``epoch`` in visiting order, [shard_size] int64 (cached;
+        global_batch: the whole epoch permutation, [E], which every rank slices per batch)."""
         epoch = self.epoch if epoch is None else int(epoch)
         if self._shard is None or self._shard_epoch != epoch:
             g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0x7C1))
             perm = torch.randperm(self.num_interactions, generator=g)
-            self._shard = perm[self.rank::self.world_size].clone()
+            # global_batch: every rank keeps the whole permutation and slices each global batch
+            self._shard = perm if self.shard_mode == "global_batch" else perm[self.rank::self.world_size].clone()
             self._shard_epoch = epoch
         return self._shard
 
@@ -172,6 +208,14 @@ class TripleSampler:
         epoch = self.epoch if epoch is None else int(epoch)
         if not 0 <= index < self.num_batches:
             raise IndexError(f"batch {index} out of range [0, {self.num_batches})")
+        if self.shard_mode == "global_batch":
+            g_size = self.global_batch_size
+            idx = self.shard(epoch)[index * g_size:(index + 1) * g_size]
+            users = self.users[idx].to(torch.int64)
+            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0, 1, index))
+            neg = self.sample_negatives(users, g)
+            lo, hi = self._slice(index)
+            return users[lo:hi], self.items[idx[lo:hi]].to(torch.int64), neg[lo:hi]
         idx = self.shard(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
         users = self.users[idx].to(torch.int64)
         pos = self.items[idx].to(torch.int64)

@@ -1,0 +1,230 @@
+"""DistributedTrainer: the Trainer on W data-parallel ranks, rank-invariant by construction.
+
+Placement (``parallel/``): ID tables sharded by TorchRec (fused optimiser in backward), dense
+parameters under a DeepSpeed engine (ZeRO 1/2, clipping). The loop, logging, model selection and
+run directory are the single-process ``Trainer``'s; this class overrides what placement changes:
+``build``, ``train_step``, ``evaluate`` and model-state snapshots.
+
+Why W ranks with per-rank batch b train exactly like one process with batch W*b:
+- Data: the triple sampler runs in ``shard="global_batch"`` mode: step k's global batch (triples,
+  order and negatives) is the single-process batch k, and rank r takes its contiguous slice.
+- Init: the model is initialised exactly as the single-process trainer does (``materialize_`` with
+  the same seed, on the CPU); the sharder copies the tables' rows into this rank's shards and the
+  full tables are dropped. (Costs the full tables in host memory once, at start-up.)
+- Loss: ``compute_loss`` follows the "shares" convention (global value, local-share gradient;
+  InfoNCE negatives all-gathered; OAT statistics all-reduced with an autograd all-reduce, so every
+  rank solves the same transport problem). Summing gradients over ranks gives the single-process
+  gradient. DeepSpeed AVERAGES dense gradients, so the loss is multiplied by W. The table gradients
+  reach their owners through TorchRec's all-to-all, whose backward ALSO averages (TorchRec's
+  ``comm_ops`` gradient division, on by default, to mimic DDP): the same factor W makes them sums.
+  (Were the division off, a forward hook would divide the lookups' gradients by W.) Adagrad-type
+  optimisers barely see a gradient scale, so the SGD equivalence test is the one that checks this.
+- Optimisers: the fused table optimiser is the single-process one's fbgemm twin (exact row-wise
+  Adagrad, Adagrad, SGD); the dense optimiser is the same torch optimiser under ZeRO.
+- Dropout masks cannot match across world sizes (per-rank RNG streams): equivalence holds with
+  dropout 0; with dropout the runs are statistically, not numerically, equivalent.
+
+Evaluation: every rank computes the full representations (the lookups go through the sharded
+tables' all-to-all), rank r scores eval batches r, r+W, ... of the single-process batching, and the
+per-batch metric sums are gathered and accumulated in the single-process order, so the metrics are
+bit-identical to single-process evaluation of the same parameters.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+from goat_dist.config import Config
+from goat_dist.engine.trainer import Trainer, prepare_dataset
+from goat_dist.eval.metrics import METRICS, finalize, metric_sums
+from goat_dist.graph import build_graphs
+from goat_dist.log import get_logger
+from goat_dist.model.embeddings import materialize_
+from goat_dist.model.recgoat import RecGOAT
+from goat_dist.parallel.dense import dense_engine
+from goat_dist.parallel.process_group import DistEnv, init_process_group
+from goat_dist.parallel.sharding import gather_tables, shard_tables
+from goat_dist.sampling.loader import MiniBatchSampler, make_loader
+from goat_dist.sampling.triples import TripleSampler
+
+log = get_logger(__name__)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; gradient times ``scale`` backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+class DistributedTrainer(Trainer):
+    """``Trainer`` over the default process group (world size 1 included).
+
+    Args:
+        cfg: the full config (``dist`` section: backend, sharding, zero_stage, bf16).
+        run_dir: run directory (written by rank 0).
+        env: the process group (default: ``parallel.init_process_group(cfg.dist)``).
+    """
+
+    def __init__(self, cfg: Config, run_dir: str | Path, env: DistEnv | None = None):
+        self.env = env or init_process_group(cfg.dist)
+        super().__init__(cfg, run_dir, rank=self.env.rank, world_size=self.env.world_size, device=self.env.device)
+        self.engine = None
+        self._loss_scale = 1.0
+
+    # ------------------------------------------------------------------------------------------
+    def build(self) -> "DistributedTrainer":
+        cfg, W = self.cfg, self.world_size
+        torch.manual_seed(cfg.train.seed + self.rank)  # per-rank streams (dropout); init is seeded separately
+        t0 = time.perf_counter()
+        self.dataset = ds = prepare_dataset(cfg.data) if self.rank == 0 else None
+        if W > 1:  # rank 0 generates a missing synthetic dataset; the others wait, then read it
+            dist.barrier()
+        if ds is None:
+            ds = self.dataset = prepare_dataset(cfg.data)
+        mcfg = cfg.model
+        item_dims = {m: int(f.shape[1]) for m, f in ds.item_features.items()}
+        modalities = (list(mcfg.modalities) or sorted(item_dims)) if mcfg.use_item_modalities else []
+        self.user_feature_name = sorted(ds.user_features)[0] if (mcfg.use_user_branch and ds.user_features) else None
+        if self.rank == 0:  # the graph cache is filled once; the other ranks then load it
+            self.graphs = build_graphs(ds, cfg.graph, modalities, self.user_feature_name is not None,
+                                       self.user_feature_name)
+        if W > 1:
+            dist.barrier()
+        if self.rank != 0:
+            self.graphs = build_graphs(ds, cfg.graph, modalities, self.user_feature_name is not None,
+                                       self.user_feature_name)
+        t_graph = time.perf_counter()
+
+        ui = self.graphs.ui
+        triples = TripleSampler(ds.train.users, ds.train.items, ds.n_items, ui.user_items, cfg.train.batch_size,
+                                cfg.train.seed, rank=self.rank, world_size=W, shard="global_batch")
+        self.sampler = MiniBatchSampler(
+            triples, ui.user_items, ui.item_users,
+            hops={"user_item": mcfg.id_layers, "item_item": mcfg.gat_layers, "user_user": mcfg.gat_layers},
+            fanouts=cfg.sampling.fanouts, item_item=self.graphs.item_item, user_user=self.graphs.user_user,
+            backend=cfg.sampling.backend)
+        self.loader = make_loader(self.sampler, num_workers=cfg.sampling.num_workers,
+                                  prefetch_factor=cfg.sampling.prefetch_factor)
+        self.item_features = {m: ds.item_features[m] for m in modalities}
+        self.user_features = ds.user_features[self.user_feature_name] if self.user_feature_name else None
+        self.degrees = {"user": ui.user_degree.to(self.device), "item": ui.item_degree.to(self.device)}
+
+        # Exactly the single-process initialisation, on the CPU; then the tables go to their shards.
+        model = RecGOAT(mcfg, cfg.ot, ds.n_users, ds.n_items, item_dims,
+                        None if self.user_features is None else int(self.user_features.shape[1]), device="meta")
+        materialize_(model, "cpu", seed=cfg.train.seed)
+        for name, child in model.named_children():
+            if name != "id_emb":
+                child.to(self.device)
+        for name, p in list(model._parameters.items()):
+            if p is not None:
+                model._parameters[name] = torch.nn.Parameter(p.detach().to(self.device), p.requires_grad)
+        # The sharder copies the materialised full tables into this rank's shards; the full CPU
+        # tables are dropped with the unsharded collection.
+        self.dmp = shard_tables(model, cfg.dist.sharding, cfg.train.optimizer, cfg.train.sparse_lr, self.device)
+        self.model: RecGOAT = self.dmp.module
+
+        table_ids = {id(p) for coll in find_collections_sharded(self.model) for p in coll.parameters()}
+        dense = [p for p in self.model.parameters() if id(p) not in table_ids]
+        self.engine = dense_engine(dense, cfg.train, cfg.dist, self.device, W, self.env.local_rank)
+        self.sparse_opt = self.dense_opt = None
+        # DeepSpeed averages dense gradients over ranks: scale the loss by W to get the SUM the
+        # "shares" convention needs. TorchRec's all-to-all backward averages the lookups' gradients
+        # too (comm_ops.GRADIENT_DIVISION, on by default), so the same factor is right for the
+        # tables; should that global be off, the lookups' gradients are divided by W here.
+        self._loss_scale = float(W)
+        from torchrec.distributed.comm_ops import get_gradient_division
+
+        if W > 1 and not get_gradient_division():
+            self.model.id_emb.register_forward_hook(
+                lambda _m, _inp, out: tuple(_ScaleGrad.apply(t, 1.0 / W) for t in out))
+        n_dense = sum(p.numel() for p in dense)
+        log.info("world size %d: %d users, %d items, %d train interactions; modalities %s; %d dense parameters "
+                 "(DeepSpeed ZeRO-%d); tables %s with fused %s; %d steps/epoch of %d triples (graphs %.1fs)",
+                 W, ds.n_users, ds.n_items, len(ds.train), modalities or "none", n_dense, cfg.dist.zero_stage,
+                 cfg.dist.sharding, cfg.train.optimizer, self.sampler.num_batches, triples.global_batch_size,
+                 t_graph - t0)
+        self._heldout = {}
+        self._train_csr = ui.user_items
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    def train_step(self, batch) -> dict[str, torch.Tensor]:
+        """One step on this rank's slice of the global batch; returns the global loss parts."""
+        self.model.train()
+        batch = batch.to(self.device)
+        W = self.world_size
+        out = self.model(batch, self.item_features, self.user_features, degrees=self.degrees,
+                         reduce_stats=dist_fn.all_reduce if W > 1 else None)
+        total, parts = self.model.compute_loss(out, batch, self.cfg.loss, self.rank, W)
+        scaled = total * self._loss_scale if self._loss_scale != 1.0 else total
+        if self.engine is not None:
+            self.engine.backward(scaled)
+            self.engine.step()
+            if self.cfg.train.grad_clip > 0:
+                norm = self.engine.get_global_grad_norm()
+                parts["grad_norm"] = torch.as_tensor(float(norm) if norm is not None else 0.0)
+        else:
+            scaled.backward()
+        return parts
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float] | None:
+        """Full-ranking metrics of ``split``, bit-identical to single-process ``Trainer.evaluate``."""
+        heldout = self._split_csr(split)
+        if heldout is None:
+            return None
+        user_reps, item_reps = self.model.compute_all_representations(
+            self.graphs.ui.user_items, self.graphs.ui.item_users, self.item_features, self.user_features,
+            self.graphs.item_item, self.graphs.user_user)
+        item_t = item_reps.t().contiguous()
+        users = self._eval_users().to(torch.int64)
+        users = users[heldout.degrees()[users] > 0]
+        ks, bs = list(self.cfg.eval.ks), self.cfg.eval.batch_size
+        starts = list(range(0, users.numel(), bs))
+        mine = [(i, metric_sums(lambda ub: user_reps[ub.to(user_reps.device)] @ item_t, users[s:s + bs], heldout,
+                                [self._train_csr], ks, bs))
+                for i, s in enumerate(starts) if i % self.world_size == self.rank]
+        if self.world_size > 1:
+            gathered: list = [None] * self.world_size
+            dist.all_gather_object(gathered, mine)
+            mine = [x for part in gathered for x in part]
+        per_batch = dict(mine)
+        sums = {f"{m}@{k}": 0.0 for m in METRICS for k in ks}
+        for i in range(len(starts)):  # the single-process accumulation order
+            for k, v in per_batch[i].items():
+                if k != "n_users":
+                    sums[k] += v
+        sums["n_users"] = float(users.numel())
+        return finalize(sums)
+
+    # ------------------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state with FULL tables (CPU tensors, the keys of an unsharded RecGOAT) on
+        every rank: loadable into a single-process model. Collective (all ranks must call)."""
+        tables = gather_tables(self.model)
+        out = {}
+        for k, v in self.model.state_dict().items():
+            out[k] = tables[k] if k in tables else v.detach().cpu().clone()
+        return out
+
+
+def find_collections_sharded(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every (sharded or plain) embedding collection module inside ``model``."""
+    from torchrec import EmbeddingCollection
+    from torchrec.distributed.embedding import ShardedEmbeddingCollection
+
+    return [m for m in model.modules() if isinstance(m, (EmbeddingCollection, ShardedEmbeddingCollection))]
