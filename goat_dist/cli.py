@@ -1,6 +1,6 @@
 """The ``goat`` command: argument parsing only; every subcommand calls into the package.
 
-    goat train -c CONFIG [--set section.key=value ...] [--run-dir DIR]
+    goat train -c CONFIG [--set section.key=value ...] [--run-dir DIR] [--nproc N]
     goat data validate DIR
     goat data synth --users U --items I --interactions E --out DIR [--modalities image:512,text:384]
                     [--user-profiles 384] [--seed S]
@@ -29,7 +29,24 @@ def _parse_modalities(text: str) -> dict[str, int]:
     return out
 
 
+def _torchrun_argv(args: argparse.Namespace) -> list[str]:
+    """``goat train --nproc N ...`` -> the equivalent ``torchrun --nproc_per_node=N -m goat_dist.train ...``."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+            "-m", "goat_dist.train", "-c", args.config, "--log-level", args.log_level]
+    for item in args.set or []:
+        argv += ["--set", item]
+    if args.run_dir:
+        argv += ["--run-dir", args.run_dir]
+    return argv
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc is not None:
+        import subprocess
+
+        if args.nproc < 1:
+            raise SystemExit("goat train: --nproc must be >= 1")
+        return subprocess.call(_torchrun_argv(args))
     from goat_dist.config import load_config
     from goat_dist.engine.run import train_main
 
@@ -92,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-c", "--config", required=True)
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     t.add_argument("--run-dir", default=None, help="run directory (default runs/<config name>)")
+    t.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="distributed: spawn N ranks with torchrun (python -m goat_dist.train); "
+                        "without it, the single-process trainer")
     t.set_defaults(func=_cmd_train)
 
     d = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)

@@ -22,7 +22,7 @@ def tiny_cfg(root, batch_size: int, *extra: str):
         "sampling.fanouts=-1", "model.dim=8", "model.id_layers=2", "model.dropout=0.0", "ot.max_iter=60",
         "ot.tol=0.0", f"train.batch_size={batch_size}", f"train.max_steps={STEPS}", "train.epochs=5",
         "train.sparse_lr=0.05", "train.dense_lr=0.01", "loss.cmcl_weight=0.5", "loss.l2=0.01",
-        "log.tensorboard=false", "log.every_steps=1000", "eval.ks=[5, 10]", "eval.batch_size=16", *extra])
+        "log.tensorboard=false", "log.every_steps=1000", "eval.ks=[5, 10]", "eval.metric=recall@10", "eval.batch_size=16", *extra])
 
 
 def steps(trainer, n: int = STEPS) -> list[dict[str, float]]:
