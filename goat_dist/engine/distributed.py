@@ -86,6 +86,8 @@ class DistributedTrainer(Trainer):
     # ------------------------------------------------------------------------------------------
     def build(self) -> "DistributedTrainer":
         cfg, W = self.cfg, self.world_size
+        if cfg.train.num_threads > 0:
+            torch.set_num_threads(cfg.train.num_threads)
         torch.manual_seed(cfg.train.seed + self.rank)  # per-rank streams (dropout); init is seeded separately
         t0 = time.perf_counter()
         self.dataset = ds = prepare_dataset(cfg.data) if self.rank == 0 else None
