@@ -64,6 +64,9 @@ def setup_logging(level: str | int = "INFO") -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s",
                                                datefmt="%H:%M:%S"))
         root.addHandler(handler)
+    # TorchRec and DeepSpeed put a handler on the ROOT logger; propagating there would print every
+    # rank's lines a second time, unfiltered. The rank-aware handler above is the package's only one.
+    root.propagate = False
 
 
 def get_logger(name: str) -> logging.Logger:

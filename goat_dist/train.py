@@ -10,7 +10,6 @@ Reads the world from the launcher's environment (``parallel.init_process_group``
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -32,9 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    # TorchRec/DeepSpeed put a handler on the ROOT logger; propagating there would print every rank's
-    # lines again, unfiltered. This process's only package handler is the rank-aware one.
-    logging.getLogger("goat_dist").propagate = False
     if "DS_ACCELERATOR" not in os.environ:
         import torch
 

@@ -1,6 +1,7 @@
 """Shared test fixtures: paths to the real datasets (skip when absent) and a tmp dataset maker."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -33,3 +34,11 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _package_logs_reach_caplog():
+    """``setup_logging`` (run by CLI tests) stops package records propagating to the root logger,
+    where pytest's caplog listens; every test starts with propagation on again."""
+    logging.getLogger("goat_dist").propagate = True
+    yield
