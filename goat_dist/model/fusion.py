@@ -7,7 +7,7 @@ OAT (DESIGN.md section 1, step 3), for M modalities x_m [I, d] and the ID view x
     P_m       = Sinkhorn(C_m, 1/d, 1/d, eps)                          (log domain, ONE batched call)
     T_m       = d * P_m                                               (rows and columns sum to 1)
     aligned_m = x_m (T_m + Delta_m)
-    fused     = normalize(dropout(LayerNorm(w_0 x_id + sum_m w_m aligned_m))),  w = softmax(logits)
+    fused     = dropout(w_0 x_id + sum_m w_m aligned_m),               w = softmax(logits)
     W_m       = <P_m, C_m>                                            (logged; optional loss term)
 
 Design choices:
@@ -20,6 +20,11 @@ Design choices:
   Differentiating the plan itself would need unrolled or implicit Sinkhorn gradients for little
   benefit. W = <P, C> does carry the envelope-theorem gradient d W / d C = P, so with
   ``OTConfig.w_weight > 0`` the W term pulls x_m and x_id together through C.
+- No LayerNorm / L2 normalisation of the fused item (the paper's normalize(LayerNorm(.))): they
+  erase the item's norm, which in LightGCN carries popularity, and scoring against unit items cost a
+  third of Recall@20 in real runs (MovieLens-100K valid Recall@20 after one epoch 0.20 normalised vs
+  0.31 without; TikTok 0.05 vs 0.09 for LightGCN). Without them the fused item starts as the
+  LightGCN item plus small modality terms and the model can only improve on LightGCN from there.
 - Weights: ``w = softmax(logits)`` over [ID, modality_1..M], initialised to
   ``w_m = alpha_init`` and ``w_0 = 1 - M alpha_init``: this is exactly the paper's
   ``(1 - sum alpha_m) x_id + sum alpha_m aligned_m`` with the alphas kept positive and summing below 1.
@@ -43,7 +48,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from goat_dist.config import OTConfig
@@ -77,33 +81,31 @@ class IdentityFusion(nn.Module):
 
 
 class ConcatFusion(nn.Module):
-    """``normalize(dropout(LayerNorm(Linear([x_id, x_1, .., x_M]))))`` — baseline."""
+    """``dropout(Linear([x_id, x_1, .., x_M]))`` — baseline."""
 
     def __init__(self, dim: int, n_modalities: int, dropout: float):
         super().__init__()
         self.proj = nn.Linear((n_modalities + 1) * dim, dim)
-        self.norm = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x_id: Tensor, xs: Tensor, stats_rows: Tensor | None = None,
                 reduce_stats: ReduceStats | None = None) -> FusionOutput:
         z = self.proj(torch.cat([x_id, *xs.unbind(0)], dim=-1))
-        return FusionOutput(fused=F.normalize(self.drop(self.norm(z)), dim=-1))
+        return FusionOutput(fused=self.drop(z))
 
 
 class SumFusion(nn.Module):
-    """``normalize(dropout(LayerNorm(Linear(x_id + sum_m x_m))))`` — baseline."""
+    """``dropout(Linear(x_id + sum_m x_m))`` — baseline."""
 
     def __init__(self, dim: int, dropout: float):
         super().__init__()
         self.proj = nn.Linear(dim, dim)
-        self.norm = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x_id: Tensor, xs: Tensor, stats_rows: Tensor | None = None,
                 reduce_stats: ReduceStats | None = None) -> FusionOutput:
         z = self.proj(x_id + xs.sum(0))
-        return FusionOutput(fused=F.normalize(self.drop(self.norm(z)), dim=-1))
+        return FusionOutput(fused=self.drop(z))
 
 
 def pack_stats(sum_sq_m: Tensor, sum_sq_id: Tensor, cross: Tensor, count: int | float | Tensor) -> Tensor:
@@ -134,7 +136,6 @@ class OATFusion(nn.Module):
         self.ot_cfg, self.ema_momentum = ot_cfg, float(ema_momentum)
         self.logits = nn.Parameter(torch.empty(n_modalities + 1))
         self.delta = nn.Parameter(torch.empty(n_modalities, dim, dim))
-        self.norm = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
         self.register_buffer("ema_sq_m", torch.empty(n_modalities, dim))
         self.register_buffer("ema_sq_id", torch.empty(dim))
@@ -149,7 +150,6 @@ class OATFusion(nn.Module):
         w = torch.tensor([1.0 - m * self.alpha_init] + [self.alpha_init] * m)
         self.logits.copy_(w.log())
         self.delta.zero_()
-        self.norm.reset_parameters()
         for buf in (self.ema_sq_m, self.ema_sq_id, self.ema_cross, self.ema_updates):
             buf.zero_()
 
@@ -195,7 +195,7 @@ class OATFusion(nn.Module):
         aligned = torch.matmul(xs, plan + self.delta)
         w = self.weights()
         z = w[0] * x_id + (w[1:].view(-1, 1, 1) * aligned).sum(0)
-        return F.normalize(self.drop(self.norm(z)), dim=-1), aligned
+        return self.drop(z), aligned
 
     def forward(self, x_id: Tensor, xs: Tensor, stats_rows: Tensor | None = None,
                 reduce_stats: ReduceStats | None = None) -> FusionOutput:
