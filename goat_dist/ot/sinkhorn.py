@@ -314,7 +314,7 @@ def _solve_stabilized(p: _Prepared, eps: float, max_iter: int, tol: float, level
     dt = cost.dtype
     dev = cost.device
     f = torch.zeros(B, n, dtype=dt, device=dev)
-    g = torch.zeros(B, m, dtype=dt, device=dev)
+    g = None            # the solver starts from the c-transform of f; only eps-scaling needs g here
     if levels:
         zero = torch.zeros((), dtype=dt, device=dev)
         bias_a = torch.where(ma, zero, torch.full((), -math.inf, dtype=dt, device=dev))
@@ -330,6 +330,7 @@ def _solve_stabilized(p: _Prepared, eps: float, max_iter: int, tol: float, level
     if group < B:
         converged = torch.empty(B, dtype=torch.bool, device=dev)
         err = torch.empty(B, dtype=dt, device=dev)
+        g = torch.empty(B, m, dtype=dt, device=dev)
     if group >= B:
         f, g, it, converged, err = _solve_group(cost, p.a, p.b, p.log_a, p.log_b, ma, mb, p.padded, f, bool(levels),
                                                 plan, eps, max_iter, tol, small, polish)
@@ -532,7 +533,9 @@ def _solve_group(c: Tensor, a: Tensor, b: Tensor, log_a: Tensor, log_b: Tensor, 
     if u.dtype != dt:
         u, v = u.to(dt), v.to(dt)
     K.mul_(u.view(G, n, 1)).mul_(v)
-    return f.to(dt), g.to(dt), n_iter, ~active, err
+    if f.dtype != dt:
+        f, g = f.to(dt), g.to(dt)
+    return f, g, n_iter, ~active, err
 
 
 # Convergence (and scaling-range) test interval of small problems, in iterations: the first, and the
