@@ -90,8 +90,10 @@ def plot_bars(path: str | Path, labels: list[str], values: list[float], *, ylabe
     return path
 
 
-def append_result_row(benchmark: str, case: str, ours: str, baseline: str, ratio: float, machine: dict) -> None:
-    """Append one row to the results table (markdown) that the README links to."""
+def append_result_row(benchmark: str, case: str, ours: str, baseline: str, ratio: float | None, machine: dict) -> None:
+    """Append one row to the results table (markdown) that the README links to; a missing or NaN
+    ratio (no baseline in this case) is written as n/a."""
+    import math
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     table = RESULTS_DIR / "results.md"
     if not table.exists():
@@ -100,4 +102,5 @@ def append_result_row(benchmark: str, case: str, ours: str, baseline: str, ratio
     date = _dt.date.today().isoformat()
     mach = f"{machine.get('cpu', '?')} x{machine.get('cores', '?')}" + (f", {machine['gpu']}" if "gpu" in machine else "")
     with table.open("a") as fh:
-        fh.write(f"| {date} | {benchmark} | {case} | {ours} | {baseline} | {ratio:.2f} | {mach} |\n")
+        shown = "n/a" if ratio is None or (isinstance(ratio, float) and math.isnan(ratio)) else f"{ratio:.2f}"
+        fh.write(f"| {date} | {benchmark} | {case} | {ours} | {baseline} | {shown} | {mach} |\n")
