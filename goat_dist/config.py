@@ -88,6 +88,10 @@ class ModelConfig:
     gat_heads: int = 1
     fusion: str = "oat"
     """``oat`` | ``concat`` | ``sum`` | ``none`` (ID only)."""
+    fusion_normalize: bool = False
+    """Apply the paper's normalize(dropout(LayerNorm(.))) to the fused item. Off by default: unit-norm
+    items lose the popularity carried by LightGCN item norms (measured: about a third of Recall@20 on
+    MovieLens-100K and TikTok in the first epochs)."""
     alpha_init: float = 0.1
     dropout: float = 0.1
     oat_ema_momentum: float = 0.1

@@ -87,7 +87,7 @@ class RecGOAT(nn.Module):
                 m: GATEncoder(item_feature_dims[m], cfg.dim, item_item_relation(m), cfg.gat_layers, cfg.gat_heads,
                               cfg.dropout) for m in self.modalities})
             self.fusion = build_fusion(cfg.fusion, cfg.dim, len(self.modalities), cfg.alpha_init, cfg.dropout,
-                                       ot_cfg, cfg.oat_ema_momentum)
+                                       ot_cfg, cfg.oat_ema_momentum, cfg.fusion_normalize)
             if self.use_user_branch:
                 self.user_encoder = GATEncoder(int(user_feature_dim), cfg.dim, USER_USER, cfg.gat_layers,
                                                cfg.gat_heads, cfg.dropout)

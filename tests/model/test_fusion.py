@@ -105,3 +105,23 @@ def test_baselines_and_identity():
         build_fusion("attention", 6, 2, 0.1, 0.0, OTConfig())
     with pytest.raises(ValueError, match="alpha_init"):
         OATFusion(6, 2, 0.6, 0.0, OTConfig())
+
+
+@pytest.mark.parametrize("kind", ["oat", "concat", "sum"])
+def test_fusion_normalize_switch(kind):
+    """``model.fusion_normalize``: the paper's normalize(dropout(LayerNorm(.))) gives unit rows; the
+    default keeps the norms (which carry popularity)."""
+    torch.manual_seed(0)
+    x_id, xs = torch.randn(30, 8) * 3, torch.randn(2, 30, 8)
+    for normalize in (True, False):
+        fusion = build_fusion(kind, 8, 2, 0.1, 0.0, OTConfig(max_iter=50), normalize=normalize).eval()
+        for m in fusion.modules():
+            if m is not fusion and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        if hasattr(fusion, "reset_parameters"):
+            fusion.reset_parameters()
+        norms = fusion(x_id, xs).fused.norm(dim=-1)
+        if normalize:
+            torch.testing.assert_close(norms, torch.ones(30))
+        else:
+            assert (norms - 1).abs().max() > 0.5
