@@ -15,7 +15,10 @@ logger = get_logger(__name__)
 
 
 class RunLogger:
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
+                 append: bool = False):
+        """``append=False`` (a new run) starts ``metrics.jsonl`` afresh, so a reused run directory
+        never mixes two runs' curves; ``append=True`` continues it (resuming a run)."""
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self._events: list[dict[str, Any]] = []
@@ -23,7 +26,7 @@ class RunLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._fh = (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        self._fh = (self.run_dir / "metrics.jsonl").open("a" if append else "w", encoding="utf-8")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

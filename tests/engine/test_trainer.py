@@ -76,3 +76,18 @@ def test_training_beats_untrained_model(tmp_path):
     final = trainer.fit()
     trainer.close()
     assert final["valid"]["recall@20"] > before + 0.02
+
+
+def test_reused_run_directory_starts_a_fresh_metrics_log(tmp_path):
+    from goat_dist.engine.run_logger import RunLogger
+
+    for value in (1.0, 2.0):
+        logger = RunLogger(tmp_path, tensorboard=False)
+        logger.log("train", 1, loss=value)
+        logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["loss"] == 2.0
+    logger = RunLogger(tmp_path, tensorboard=False, append=True)
+    logger.log("train", 2, loss=3.0)
+    logger.close()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
