@@ -31,26 +31,20 @@ bit-identical to single-process evaluation of the same parameters.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
 from goat_dist.config import Config
-from goat_dist.engine.trainer import Trainer, prepare_dataset
+from goat_dist.engine.trainer import Trainer
 from goat_dist.eval.metrics import METRICS, finalize, metric_sums
-from goat_dist.graph import build_graphs
 from goat_dist.log import get_logger
-from goat_dist.model.embeddings import materialize_
 from goat_dist.model.recgoat import RecGOAT
 from goat_dist.parallel.dense import dense_engine
 from goat_dist.parallel.process_group import DistEnv, init_process_group
 from goat_dist.parallel.sharding import gather_tables, shard_tables
-from goat_dist.sampling.loader import MiniBatchSampler, make_loader
-from goat_dist.sampling.triples import TripleSampler
 
 log = get_logger(__name__)
 
@@ -86,47 +80,13 @@ class DistributedTrainer(Trainer):
     # ------------------------------------------------------------------------------------------
     def build(self) -> "DistributedTrainer":
         cfg, W = self.cfg, self.world_size
-        if cfg.train.num_threads > 0:
-            torch.set_num_threads(cfg.train.num_threads)
         torch.manual_seed(cfg.train.seed + self.rank)  # per-rank streams (dropout); init is seeded separately
-        t0 = time.perf_counter()
-        self.dataset = ds = prepare_dataset(cfg.data) if self.rank == 0 else None
-        if W > 1:  # rank 0 generates a missing synthetic dataset; the others wait, then read it
-            dist.barrier()
-        if ds is None:
-            ds = self.dataset = prepare_dataset(cfg.data)
-        mcfg = cfg.model
-        item_dims = {m: int(f.shape[1]) for m, f in ds.item_features.items()}
-        modalities = (list(mcfg.modalities) or sorted(item_dims)) if mcfg.use_item_modalities else []
-        self.user_feature_name = sorted(ds.user_features)[0] if (mcfg.use_user_branch and ds.user_features) else None
-        if self.rank == 0:  # the graph cache is filled once; the other ranks then load it
-            self.graphs = build_graphs(ds, cfg.graph, modalities, self.user_feature_name is not None,
-                                       self.user_feature_name)
-        if W > 1:
-            dist.barrier()
-        if self.rank != 0:
-            self.graphs = build_graphs(ds, cfg.graph, modalities, self.user_feature_name is not None,
-                                       self.user_feature_name)
-        t_graph = time.perf_counter()
-
-        ui = self.graphs.ui
-        triples = TripleSampler(ds.train.users, ds.train.items, ds.n_items, ui.user_items, cfg.train.batch_size,
-                                cfg.train.seed, rank=self.rank, world_size=W, shard="global_batch")
-        self.sampler = MiniBatchSampler(
-            triples, ui.user_items, ui.item_users,
-            hops={"user_item": mcfg.id_layers, "item_item": mcfg.gat_layers, "user_user": mcfg.gat_layers},
-            fanouts=cfg.sampling.fanouts, item_item=self.graphs.item_item, user_user=self.graphs.user_user,
-            backend=cfg.sampling.backend)
-        self.loader = make_loader(self.sampler, num_workers=cfg.sampling.num_workers,
-                                  prefetch_factor=cfg.sampling.prefetch_factor)
-        self.item_features = {m: ds.item_features[m] for m in modalities}
-        self.user_features = ds.user_features[self.user_feature_name] if self.user_feature_name else None
-        self.degrees = {"user": ui.user_degree.to(self.device), "item": ui.item_degree.to(self.device)}
+        # step k's global batch is the single-process batch k; rank r takes its slice of it
+        self._build_inputs(shard="global_batch")
+        triples = self.triples
 
         # Exactly the single-process initialisation, on the CPU; then the tables go to their shards.
-        model = RecGOAT(mcfg, cfg.ot, ds.n_users, ds.n_items, item_dims,
-                        None if self.user_features is None else int(self.user_features.shape[1]), device="meta")
-        materialize_(model, "cpu", seed=cfg.train.seed)
+        model = self._new_model("cpu")
         for name, child in model.named_children():
             if name != "id_emb":
                 child.to(self.device)
@@ -153,14 +113,18 @@ class DistributedTrainer(Trainer):
             self.model.id_emb.register_forward_hook(
                 lambda _m, _inp, out: tuple(_ScaleGrad.apply(t, 1.0 / W) for t in out))
         n_dense = sum(p.numel() for p in dense)
-        log.info("world size %d: %d users, %d items, %d train interactions; modalities %s; %d dense parameters "
-                 "(DeepSpeed ZeRO-%d); tables %s with fused %s; %d steps/epoch of %d triples (graphs %.1fs)",
-                 W, ds.n_users, ds.n_items, len(ds.train), modalities or "none", n_dense, cfg.dist.zero_stage,
-                 cfg.dist.sharding, cfg.train.optimizer, self.sampler.num_batches, triples.global_batch_size,
-                 t_graph - t0)
-        self._heldout = {}
-        self._train_csr = ui.user_items
+        log.info("world size %d: %d dense parameters (DeepSpeed ZeRO-%d); tables %s with fused %s; %d steps/epoch "
+                 "of %d triples", W, n_dense, cfg.dist.zero_stage, cfg.dist.sharding, cfg.train.optimizer,
+                 self.sampler.num_batches, triples.global_batch_size)
         return self
+
+    def _rank_zero_first(self, fn):
+        """Rank 0 runs ``fn`` first (generates a missing dataset, fills the graph cache); the other
+        ranks wait at a barrier, then run it (reading what rank 0 wrote)."""
+        out = fn() if self.rank == 0 else None
+        if self.world_size > 1:
+            dist.barrier()
+        return out if self.rank == 0 else fn()
 
     # ------------------------------------------------------------------------------------------
     def train_step(self, batch) -> dict[str, torch.Tensor]:

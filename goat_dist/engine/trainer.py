@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from goat_dist.config import Config, DataConfig, save_config, to_dict
@@ -69,51 +68,67 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def build(self) -> "Trainer":
         cfg = self.cfg
-        if cfg.train.num_threads > 0:
-            torch.set_num_threads(cfg.train.num_threads)
         torch.manual_seed(cfg.train.seed)
-        t0 = time.perf_counter()
-        self.dataset = ds = prepare_dataset(cfg.data)
-        t_data = time.perf_counter()
-
-        mcfg = cfg.model
-        item_dims = {m: int(f.shape[1]) for m, f in ds.item_features.items()}
-        modalities = (list(mcfg.modalities) or sorted(item_dims)) if mcfg.use_item_modalities else []
-        self.user_feature_name = sorted(ds.user_features)[0] if (mcfg.use_user_branch and ds.user_features) else None
-        self.graphs: Graphs = build_graphs(ds, cfg.graph, modalities, self.user_feature_name is not None,
-                                           self.user_feature_name)
-        t_graph = time.perf_counter()
-
-        ui = self.graphs.ui
-        triples = TripleSampler(ds.train.users, ds.train.items, ds.n_items, ui.user_items, cfg.train.batch_size,
-                                cfg.train.seed, rank=self.rank, world_size=self.world_size)
-        self.sampler = MiniBatchSampler(
-            triples, ui.user_items, ui.item_users,
-            hops={"user_item": mcfg.id_layers, "item_item": mcfg.gat_layers, "user_user": mcfg.gat_layers},
-            fanouts=cfg.sampling.fanouts, item_item=self.graphs.item_item, user_user=self.graphs.user_user,
-            backend=cfg.sampling.backend)
-        self.loader = make_loader(self.sampler, num_workers=cfg.sampling.num_workers,
-                                  prefetch_factor=cfg.sampling.prefetch_factor)
-
-        self.item_features = {m: ds.item_features[m] for m in modalities}
-        self.user_features = ds.user_features[self.user_feature_name] if self.user_feature_name else None
-        self.degrees = {"user": ui.user_degree.to(self.device), "item": ui.item_degree.to(self.device)}
-        self.model = RecGOAT(mcfg, cfg.ot, ds.n_users, ds.n_items, item_dims,
-                             None if self.user_features is None else int(self.user_features.shape[1]), device="meta")
-        materialize_(self.model, self.device, seed=cfg.train.seed)
+        self._build_inputs()
+        self.model = self._new_model(self.device)
         sparse = list(self.model.id_emb.parameters())
         sparse_ids = {id(p) for p in sparse}
         dense = [p for p in self.model.parameters() if id(p) not in sparse_ids]
         self.sparse_opt = sparse_optimizer(cfg.train.optimizer, sparse, cfg.train.sparse_lr)
         self.dense_opt = dense_optimizer(cfg.train.dense_optimizer, dense, cfg.train.dense_lr)
-        n_dense = sum(p.numel() for p in dense)
-        log.info("data %.1fs, graphs %.1fs: %d users, %d items, %d train interactions; modalities %s; user "
-                 "branch %s; %d dense parameters; %d batches/epoch", t_data - t0, t_graph - t_data, ds.n_users,
-                 ds.n_items, len(ds.train), modalities or "none", "on" if self.model.use_user_branch else "off",
-                 n_dense, self.sampler.num_batches)
+        log.info("user branch %s; %d dense parameters; %d batches/epoch",
+                 "on" if self.model.use_user_branch else "off", sum(p.numel() for p in dense),
+                 self.sampler.num_batches)
+        return self
+
+    def _rank_zero_first(self, fn):
+        """Run ``fn`` (data generation, graph building: things that fill a shared cache). One process
+        here; the distributed trainer runs it on rank 0 first, the other ranks after a barrier."""
+        return fn()
+
+    def _build_inputs(self, shard: str = "strided") -> None:
+        """Data -> graphs -> triple and neighbour samplers -> loader, plus the feature sources and
+        full-graph degrees the model reads. Shared by every trainer; ``shard`` is the
+        ``TripleSampler`` sharding of the interactions over ranks."""
+        cfg, mcfg = self.cfg, self.cfg.model
+        if cfg.train.num_threads > 0:
+            torch.set_num_threads(cfg.train.num_threads)
+        t0 = time.perf_counter()
+        self.dataset = ds = self._rank_zero_first(lambda: prepare_dataset(cfg.data))
+        t_data = time.perf_counter()
+        self.item_dims = {m: int(f.shape[1]) for m, f in ds.item_features.items()}
+        self.modalities = (list(mcfg.modalities) or sorted(self.item_dims)) if mcfg.use_item_modalities else []
+        self.user_feature_name = sorted(ds.user_features)[0] if (mcfg.use_user_branch and ds.user_features) else None
+        self.graphs: Graphs = self._rank_zero_first(lambda: build_graphs(
+            ds, cfg.graph, self.modalities, self.user_feature_name is not None, self.user_feature_name))
+        t_graph = time.perf_counter()
+
+        ui = self.graphs.ui
+        self.triples = TripleSampler(ds.train.users, ds.train.items, ds.n_items, ui.user_items,
+                                     cfg.train.batch_size, cfg.train.seed, rank=self.rank,
+                                     world_size=self.world_size, shard=shard)
+        self.sampler = MiniBatchSampler(
+            self.triples, ui.user_items, ui.item_users,
+            hops={"user_item": mcfg.id_layers, "item_item": mcfg.gat_layers, "user_user": mcfg.gat_layers},
+            fanouts=cfg.sampling.fanouts, item_item=self.graphs.item_item, user_user=self.graphs.user_user,
+            backend=cfg.sampling.backend)
+        self.loader = make_loader(self.sampler, num_workers=cfg.sampling.num_workers,
+                                  prefetch_factor=cfg.sampling.prefetch_factor)
+        self.item_features = {m: ds.item_features[m] for m in self.modalities}
+        self.user_features = ds.user_features[self.user_feature_name] if self.user_feature_name else None
+        self.degrees = {"user": ui.user_degree.to(self.device), "item": ui.item_degree.to(self.device)}
         self._heldout = {}
         self._train_csr = ui.user_items
-        return self
+        log.info("data %.1fs, graphs %.1fs: %d users, %d items, %d train interactions; modalities %s",
+                 t_data - t0, t_graph - t_data, ds.n_users, ds.n_items, len(ds.train), self.modalities or "none")
+
+    def _new_model(self, device: torch.device | str) -> RecGOAT:
+        """The model built on ``meta`` and materialised on ``device`` with the config's seed (the same
+        initial parameters in every trainer and on every rank)."""
+        ds = self.dataset
+        model = RecGOAT(self.cfg.model, self.cfg.ot, ds.n_users, ds.n_items, self.item_dims,
+                        None if self.user_features is None else int(self.user_features.shape[1]), device="meta")
+        return materialize_(model, device, seed=self.cfg.train.seed)
 
     # ------------------------------------------------------------------------------------------
     def train_step(self, batch) -> dict[str, torch.Tensor]:
