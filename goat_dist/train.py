@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.set or [])
     except ConfigError as exc:
-        print(f"goat_dist.train: config error: {exc}", file=sys.stderr)
+        log.error("config error: %s", exc)
         return 2
     run_dir = Path(args.run_dir or f"runs/{Path(args.config).stem}")
     env = init_process_group(cfg.dist)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("run directory %s: config.yaml, metrics.jsonl, final.json", run_dir)
         return 0 if final is not None else 1
     except DataError as exc:
-        print(f"goat_dist.train: data error: {exc}", file=sys.stderr)
+        log.error("data error: %s", exc)
         return 2
     finally:
         if trainer is not None:

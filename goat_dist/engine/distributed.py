@@ -153,16 +153,12 @@ class DistributedTrainer(Trainer):
         heldout = self._split_csr(split)
         if heldout is None:
             return None
-        user_reps, item_reps = self.model.compute_all_representations(
-            self.graphs.ui.user_items, self.graphs.ui.item_users, self.item_features, self.user_features,
-            self.graphs.item_item, self.graphs.user_user)
-        item_t = item_reps.t().contiguous()
+        score = self._scorer()
         users = self._eval_users().to(torch.int64)
         users = users[heldout.degrees()[users] > 0]
         ks, bs = list(self.cfg.eval.ks), self.cfg.eval.batch_size
         starts = list(range(0, users.numel(), bs))
-        mine = [(i, metric_sums(lambda ub: user_reps[ub.to(user_reps.device)] @ item_t, users[s:s + bs], heldout,
-                                [self._train_csr], ks, bs))
+        mine = [(i, metric_sums(score, users[s:s + bs], heldout, [self._train_csr], ks, bs))
                 for i, s in enumerate(starts) if i % self.world_size == self.rank]
         if self.world_size > 1:
             gathered: list = [None] * self.world_size

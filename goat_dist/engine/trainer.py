@@ -173,13 +173,17 @@ class Trainer:
         heldout = self._split_csr(split)
         if heldout is None:
             return None
+        sums = metric_sums(self._scorer(), self._eval_users(), heldout, [self._train_csr], list(self.cfg.eval.ks),
+                           self.cfg.eval.batch_size)
+        return finalize(sums)
+
+    def _scorer(self):
+        """``score(user_ids [b]) -> [b, n_items]`` from representations computed ONCE per evaluation."""
         user_reps, item_reps = self.model.compute_all_representations(
             self.graphs.ui.user_items, self.graphs.ui.item_users, self.item_features, self.user_features,
             self.graphs.item_item, self.graphs.user_user)
         item_t = item_reps.t().contiguous()
-        sums = metric_sums(lambda ub: user_reps[ub.to(user_reps.device)] @ item_t, self._eval_users(), heldout,
-                           [self._train_csr], list(self.cfg.eval.ks), self.cfg.eval.batch_size)
-        return finalize(sums)
+        return lambda ub: user_reps[ub.to(user_reps.device)] @ item_t
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
