@@ -91,6 +91,9 @@ class Trainer:
         full-graph degrees the model reads. Shared by every trainer; ``shard`` is the
         ``TripleSampler`` sharding of the interactions over ranks."""
         cfg, mcfg = self.cfg, self.cfg.model
+        if cfg.checkpoint.every_steps > 0 or cfg.checkpoint.dir:
+            log.warning("checkpoint.every_steps=%d / checkpoint.dir=%r are set, but checkpointing is not built "
+                        "yet: this run writes NO checkpoints", cfg.checkpoint.every_steps, cfg.checkpoint.dir)
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
         t0 = time.perf_counter()
