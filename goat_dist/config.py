@@ -253,14 +253,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def _build(cls: type, values: dict, where: str) -> Any:
+    """``where`` is the dotted key path of this section ("" at the top level)."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
+        path = f"{where}.{key}" if where else str(key)
         if key not in known:
-            raise ConfigError(f"{where}.{key}: unknown key (section '{where.split(':')[-1]}' accepts: "
-                              f"{', '.join(sorted(known))})")
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+            raise ConfigError(f"{path}: unknown key ({f'section {where!r}' if where else 'the top level'} "
+                              f"accepts: {', '.join(sorted(known))})")
+        kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
 
 
@@ -284,7 +286,10 @@ def from_dict(values: dict, source: str = "<dict>") -> Config:
     """Build and type-check a Config from nested plain values; ``source`` names them in errors."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
-    return _build(Config, values, f"{source}:")
+    try:
+        return _build(Config, values, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
