@@ -399,21 +399,19 @@ def _solve_group(c: Tensor, a: Tensor, b: Tensor, log_a: Tensor, log_b: Tensor, 
         Ks = [K[i] for i in range(G)]
         KTs = [k.t() for k in Ks]
 
-        def mv_t(u_: Tensor) -> Tensor:
+        def per_problem_mv(mats: list[Tensor], v_: Tensor, size: int) -> Tensor:  # one BLAS gemv each
             if G == 1:
-                return torch.mv(KTs[0], u_.view(n)).view(1, 1, m)
-            out = torch.empty(G, 1, m, dtype=dt, device=dev)
+                return torch.mv(mats[0], v_.reshape(-1)).view(1, 1, size)
+            out = torch.empty(G, 1, size, dtype=dt, device=dev)
             for i in range(G):
-                torch.mv(KTs[i], u_[i, 0], out=out[i, 0])
+                torch.mv(mats[i], v_[i, 0], out=out[i, 0])
             return out
 
+        def mv_t(u_: Tensor) -> Tensor:
+            return per_problem_mv(KTs, u_, m)
+
         def mv(v_: Tensor) -> Tensor:
-            if G == 1:
-                return torch.mv(Ks[0], v_.view(m)).view(1, 1, n)
-            out = torch.empty(G, 1, n, dtype=dt, device=dev)
-            for i in range(G):
-                torch.mv(Ks[i], v_[i, 0], out=out[i, 0])
-            return out
+            return per_problem_mv(Ks, v_, n)
 
     a3, b3 = a.unsqueeze(1), b.unsqueeze(1)
     if padded:
