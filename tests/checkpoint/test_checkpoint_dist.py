@@ -1,0 +1,121 @@
+"""CheckpointStore under real gloo process groups: world-2 round trip with per-rank keys and a
+row-sharded DTensor, resharding 2 -> 1 (no process group) and 2 -> 3, agreement on refusals."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_utils import run_distributed
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from goat_dist.checkpoint import CheckpointError, CheckpointStore
+
+ROWS, DIM = 11, 4   # 11 rows: uneven shards for both 2 and 3 ranks
+
+
+def full_table() -> torch.Tensor:
+    return torch.arange(ROWS * DIM, dtype=torch.float32).reshape(ROWS, DIM) / 7
+
+
+def rank_state(rank: int, world: int) -> dict:
+    mesh = init_device_mesh("cpu", (world,))
+    return {
+        "emb": distribute_tensor(full_table(), mesh, [Shard(0)]),       # row-wise sharded table
+        "dense": {"w": torch.linspace(-1, 1, 6).reshape(2, 3), "b": torch.tensor([1, 2], dtype=torch.int64)},
+        f"rng/rank{rank}": torch.Generator().manual_seed(100 + rank).get_state(),   # per-rank keys
+        f"cursor/rank{rank}": 1000 + rank,
+        "step": 42, "name": "run",
+    }
+
+
+def zero_state(rank: int, world: int) -> dict:
+    mesh = init_device_mesh("cpu", (world,))
+    return {
+        "emb": distribute_tensor(torch.zeros(ROWS, DIM), mesh, [Shard(0)]),
+        "dense": {"w": torch.zeros(2, 3), "b": torch.zeros(2, dtype=torch.int64)},
+        f"rng/rank{rank}": torch.zeros_like(torch.Generator().get_state()),
+        f"cursor/rank{rank}": -1, "step": -1, "name": "",
+    }
+
+
+def save_body(rank: int, world: int, root: str) -> str:
+    store = CheckpointStore(root, keep=2)
+    return store.save(9, rank_state(rank, world), extra={"saved_by": world})
+
+
+def load_body(rank: int, world: int, root: str, per_rank_from: int | None) -> dict:
+    store = CheckpointStore(root, keep=2)
+    target = zero_state(rank, world)
+    source = rank if per_rank_from is None else per_rank_from
+    if per_rank_from is not None:  # a new world reads another rank's per-rank keys
+        target.pop(f"rng/rank{rank}"), target.pop(f"cursor/rank{rank}")
+        target[f"rng/rank{source}"] = torch.zeros_like(torch.Generator().get_state())
+        target[f"cursor/rank{source}"] = -1
+    extra = store.load(None, target)
+    emb = target["emb"]
+    return {"extra": extra, "emb_full": emb.full_tensor(), "emb_local": emb.to_local().clone(),
+            "dense": target["dense"], "rng": target[f"rng/rank{source}"], "cursor": target[f"cursor/rank{source}"],
+            "step": target["step"], "name": target["name"]}
+
+
+@pytest.mark.dist
+def test_world2_round_trip_per_rank_keys(tmp_path):
+    root = f"file://{tmp_path}/ck"
+    urls = run_distributed(save_body, 2, root)
+    assert urls[0] == urls[1] == f"{tmp_path}/ck/step-9"
+    manifest = CheckpointStore(root).verify(urls[0])
+    assert manifest["world_size"] == 2
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "extra.json"} == {f["path"] for f in manifest["files"]}
+    out = run_distributed(load_body, 2, root, None)
+    for rank, res in enumerate(out):
+        assert res["extra"] == {"saved_by": 2}
+        assert torch.equal(res["emb_full"], full_table())
+        assert torch.equal(res["emb_local"], full_table().tensor_split(2)[rank])
+        assert torch.equal(res["rng"], torch.Generator().manual_seed(100 + rank).get_state())
+        assert res["cursor"] == 1000 + rank and res["step"] == 42 and res["name"] == "run"
+        assert torch.equal(res["dense"]["w"], torch.linspace(-1, 1, 6).reshape(2, 3))
+
+
+@pytest.mark.dist
+def test_reshard_2_to_1_and_3(tmp_path):
+    root = str(tmp_path / "ck")
+    run_distributed(save_body, 2, root)
+    # one process, no process group: the sharded table loads as one plain tensor
+    target = {"emb": torch.zeros(ROWS, DIM), "rng/rank1": torch.zeros_like(torch.Generator().get_state()),
+              "cursor/rank0": -1, "cursor/rank1": -1, "dense": {"b": torch.zeros(2, dtype=torch.int64)}}
+    assert not dist.is_initialized()
+    assert CheckpointStore(root).load(None, target) == {"saved_by": 2}
+    assert torch.equal(target["emb"], full_table())
+    assert torch.equal(target["rng/rank1"], torch.Generator().manual_seed(101).get_state())
+    assert (target["cursor/rank0"], target["cursor/rank1"]) == (1000, 1001)
+    assert torch.equal(target["dense"]["b"], torch.tensor([1, 2]))
+    # three ranks: uneven row shards of 4/4/3 rows; rank r reads saved rank (r % 2)'s per-rank keys
+    out = run_distributed(load_body_mod2, 3, root)
+    for rank, res in enumerate(out):
+        assert torch.equal(res["emb_full"], full_table())
+        assert torch.equal(res["emb_local"], full_table().tensor_split(3)[rank])
+        assert torch.equal(res["rng"], torch.Generator().manual_seed(100 + rank % 2).get_state())
+        assert res["cursor"] == 1000 + rank % 2
+
+
+def load_body_mod2(rank: int, world: int, root: str) -> dict:
+    return load_body(rank, world, root, rank % 2)
+
+
+def refused_body(rank: int, world: int, root: str) -> str:
+    store = CheckpointStore(root)
+    try:
+        store.load(None, {"step": -1})
+    except CheckpointError as e:
+        return str(e)
+    return "loaded"
+
+
+@pytest.mark.dist
+def test_refusal_is_raised_on_every_rank(tmp_path):
+    root = tmp_path / "ck"
+    run_distributed(save_body, 2, str(root))
+    (root / "step-9" / "extra.json").write_text('{"saved_by": 3}')   # same size, different bytes
+    msgs = run_distributed(refused_body, 2, str(root))
+    assert msgs[0] == msgs[1] and "no complete checkpoint" in msgs[0] and "extra.json" in msgs[0]
