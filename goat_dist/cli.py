@@ -7,6 +7,8 @@
     goat data profiles DIR --text item_text.tsv
     goat data movielens ../shared/data/ml-100k --out data/ml100k
     goat bench sampler|sinkhorn|all [--json FILE] [benchmark options]
+    goat export --checkpoint URL --out URL [--faiss [flat|ivf]] [--nlist N] [--nprobe N]
+                [--weights best|last] [--set section.key=value ...]
 """
 from __future__ import annotations
 
@@ -89,6 +91,22 @@ def _cmd_data_movielens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from goat_dist.checkpoint import CheckpointError
+    from goat_dist.checkpoint.export import export_main
+
+    try:
+        manifest = export_main(args.checkpoint, args.out, faiss_kind=args.faiss, nlist=args.nlist,
+                               nprobe=args.nprobe, overrides=args.set or [], weights=args.weights)
+    except CheckpointError as exc:
+        print(f"goat: checkpoint error: {exc}", file=sys.stderr)
+        return 2
+    m = manifest["model"]
+    print(f"exported {m['n_users']} users, {m['n_items']} items (d={m['dim']}) to {args.out}: "
+          f"{', '.join(sorted(manifest['files']))}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     import importlib
 
@@ -139,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--seed", type=int, default=0)
     ml.add_argument("--min-rating", type=int, default=4)
     ml.set_defaults(func=_cmd_data_movielens)
+
+    e = sub.add_parser("export", help="export a checkpoint for serving (safetensors + manifest [+ FAISS index])")
+    e.add_argument("--checkpoint", required=True,
+                   help="a run's checkpoint root (RUN_DIR/checkpoints: its newest complete checkpoint) or one "
+                        "checkpoint URL")
+    e.add_argument("--out", required=True, help="output folder (path or fsspec URL)")
+    e.add_argument("--faiss", nargs="?", const="flat", choices=["flat", "ivf"], default=None,
+                   help="also write a FAISS inner-product index over the items (flat = exact; ivf = IndexIVFFlat)")
+    e.add_argument("--nlist", type=int, default=0, help="IVF lists (default ~4 sqrt(n_items))")
+    e.add_argument("--nprobe", type=int, default=0, help="IVF lists searched per query (default min(nlist, 16))")
+    e.add_argument("--weights", choices=["best", "last"], default="best",
+                   help="best = the valid-selected snapshot (default), last = the weights at the checkpoint's step")
+    e.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override the checkpoint's config (e.g. data.path=... when the dataset moved)")
+    e.set_defaults(func=_cmd_export)
 
     b = sub.add_parser("bench", help="benchmarks (each writes JSON and a PNG)")
     b.add_argument("name", choices=["sampler", "sinkhorn", "all"])

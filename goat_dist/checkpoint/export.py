@@ -21,7 +21,7 @@ Design choices:
 from __future__ import annotations
 
 import copy
-import json
+import re
 import subprocess
 import tempfile
 import time
@@ -33,7 +33,7 @@ import torch
 
 from goat_dist.config import Config, ConfigError, from_dict, parse_override, to_dict
 from goat_dist.data.dataset import RecDataset
-from goat_dist.data.fsio import exists, fs_and_path, join
+from goat_dist.data.fsio import basename, exists, fs_and_path, join
 from goat_dist.graph.cache import content_hash
 from goat_dist.log import get_logger
 from goat_dist.model.fusion import OATFusion
@@ -88,8 +88,8 @@ def cold_start_params(model: RecGOAT) -> tuple[dict[str, np.ndarray], dict[str, 
     training EMA of the OAT statistics (the plan evaluation uses)."""
     fusion = model.fusion
     if not isinstance(fusion, OATFusion):
-        log.info("cold-start parameters are exported for OAT fusion only (model.fusion=%r): none written",
-                 model.cfg.fusion)
+        log.info("no cold-start parameters: they need OAT fusion over item modalities (model.fusion=%r, "
+                 "modalities %s)", model.cfg.fusion, model.modalities or "none")
         return None
     flat = fusion.ema_statistics()
     if flat is None:
@@ -267,52 +267,76 @@ def apply_overrides(values: dict, overrides: list[str] | tuple[str, ...], source
     return from_dict(values, source if not overrides else f"{source} with --set {' '.join(overrides)}")
 
 
-def _run_metrics(ckpt_url: str) -> dict | None:
-    """``final.json`` of the run a local checkpoint belongs to (RUN_DIR/checkpoints/<ckpt>), if any."""
-    for parent in list(Path(ckpt_url).parents)[:3]:
-        f = parent / "final.json"
-        if f.is_file():
-            try:
-                return json.loads(f.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                return None
-    return None
+CHECKPOINT_NAME = re.compile(r"^step-\d+(?:\.\d+)?$")
+WEIGHTS = {"best": "best_model", "last": "model"}
+
+
+def resolve_checkpoint(checkpoint_url: str):
+    """``(store, checkpoint URL)`` for a checkpoint root (its newest complete, verified checkpoint)
+    or for one checkpoint directory ``<root>/step-<N>``. Raises CheckpointError when there is none."""
+    from goat_dist.checkpoint import CheckpointError, CheckpointStore, resolve_url
+
+    url = resolve_url(checkpoint_url)
+    name = basename(url)
+    if CHECKPOINT_NAME.match(name) and exists(join(url, "MANIFEST.json")):
+        parent = url[: len(url) - len(name)].rstrip("/\\")
+        return CheckpointStore(parent, keep=0), url
+    store = CheckpointStore(url, keep=0)
+    latest = store.latest()
+    if latest is None:
+        raise CheckpointError(f"{checkpoint_url}: no complete, verified checkpoint under it (and it is not a "
+                              "checkpoint directory step-<N> itself)")
+    return store, latest
 
 
 def load_checkpoint_model(checkpoint_url: str, overrides: list[str] | tuple[str, ...] = (),
-                          device: torch.device | str = "cpu"):
+                          device: torch.device | str = "cpu", weights: str = "best"):
     """(trainer with the checkpoint's model loaded, config, checkpoint info, metrics).
 
-    ``checkpoint_url``: a checkpoint root (its newest complete checkpoint is used) or one checkpoint."""
-    from goat_dist.checkpoint import CheckpointStore, resolve_url
+    Args:
+        checkpoint_url: a checkpoint root (its newest complete checkpoint is used) or one checkpoint.
+        overrides: ``--set`` overrides applied to the checkpoint's config (e.g. a moved ``data.path``).
+        weights: ``best`` = the valid-selected snapshot (``best_model``; the weights ``final.json``'s
+            test metrics belong to), falling back to ``model`` when the checkpoint has none;
+            ``last`` = the weights at the checkpoint's step (``model``).
+    """
+    from goat_dist.checkpoint import CheckpointError
 
-    url = resolve_url(checkpoint_url)
-    store = CheckpointStore(url)
-    ckpt = store.latest()
-    if ckpt is None:
-        ckpt = url  # not a root with checkpoints under it: a checkpoint itself
-    meta = store.load(ckpt, {})
-    if "config" not in meta:
-        raise ValueError(f"{ckpt}: the checkpoint's extra state has no 'config'; cannot rebuild the model")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    store, ckpt = resolve_checkpoint(checkpoint_url)
+    meta = store.load(ckpt, {})  # verified extra only: the config to rebuild the model from
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{ckpt}: extra.json has no 'config' object; cannot rebuild the model")
     cfg = apply_overrides(meta["config"], overrides, f"{ckpt} config")
     trainer = build_for_inference(cfg, device)
-    state = trainer.model.state_dict()
-    extra = store.load(ckpt, {"model": state})
-    trainer.model.load_state_dict(state)
-    info = {"url": ckpt}
-    for key in ("trainer", "step", "epoch"):
-        if key in extra and isinstance(extra[key], (dict, int, float, str)):
-            info[key] = extra[key]
+    try:
+        state = trainer.model.state_dict()
+        key = WEIGHTS[weights]
+        try:
+            extra = store.load(ckpt, {key: state})
+        except CheckpointError as exc:
+            if key != "best_model":
+                raise
+            log.warning("%s: no valid-selected 'best_model' weights (%s); exporting 'model'", ckpt, exc)
+            key = "model"
+            extra = store.load(ckpt, {key: state})
+        trainer.model.load_state_dict(state)
+    except BaseException:
+        trainer.close()
+        raise
+    info = {"url": ckpt, "weights": key}
+    if isinstance(extra.get("trainer"), dict):
+        info["trainer"] = extra["trainer"]
     metrics = extra.get("metrics")
-    if metrics is None and "://" not in ckpt:
-        metrics = _run_metrics(ckpt)
+    log.info("loaded %r weights of %s", key, ckpt)
     return trainer, cfg, info, metrics
 
 
 def export_main(checkpoint_url: str, out_url: str, *, faiss_kind: str | None = None, nlist: int = 0,
-                nprobe: int = 0, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+                nprobe: int = 0, overrides: list[str] | tuple[str, ...] = (), weights: str = "best") -> dict[str, Any]:
     """``goat export``: checkpoint -> serving bundle at ``out_url``; returns the manifest."""
-    trainer, cfg, info, metrics = load_checkpoint_model(checkpoint_url, overrides)
+    trainer, cfg, info, metrics = load_checkpoint_model(checkpoint_url, overrides, weights=weights)
     try:
         return export_model(trainer.model, trainer, cfg, out_url, faiss_kind=faiss_kind, nlist=nlist, nprobe=nprobe,
                             metrics=metrics, checkpoint=info)
@@ -321,4 +345,4 @@ def export_main(checkpoint_url: str, out_url: str, *, faiss_kind: str | None = N
 
 
 __all__ = ["build_faiss_index", "build_for_inference", "cold_start_params", "code_version", "dataset_fingerprint",
-           "export_main", "export_model", "load_checkpoint_model"]
+           "export_main", "export_model", "load_checkpoint_model", "resolve_checkpoint"]

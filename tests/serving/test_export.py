@@ -272,3 +272,58 @@ def test_id_only_model_exports_without_cold_start(tmp_path):
             r.recommend([0], 5, exact=False)
     finally:
         trainer.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# From a checkpoint (CheckpointStore, the engine's layout: "model", "best_model", extra config/metrics)
+
+def test_goat_export_from_checkpoint_root_and_step(tmp_path, capsys):
+    import copy
+
+    from goat_dist.checkpoint import CheckpointStore
+    from goat_dist.cli import main
+    from goat_dist.config import to_dict
+
+    cfg = tiny_cfg(tmp_path)
+    trainer = Trainer(cfg, tmp_path / "run").build()
+    try:
+        train_steps(trainer, 2)
+        best = copy.deepcopy(trainer.model.state_dict())
+        train_steps(trainer, 4)
+        last = copy.deepcopy(trainer.model.state_dict())
+        store = CheckpointStore(str(tmp_path / "run" / "checkpoints"))
+        extra = {"config": to_dict(cfg), "metrics": {"valid": {"recall@20": 0.5}}}
+        step6 = store.save(6, {"model": last, "best_model": best}, extra=extra)
+        users = torch.arange(trainer.dataset.n_users)
+        trainer.model.eval()
+        ref_last = reference_topk(trainer, users, 20)[0].numpy()
+        trainer.model.load_state_dict(best)
+        ref_best = reference_topk(trainer, users, 20)[0].numpy()
+        assert (ref_last != ref_best).any()  # the two weight sets are distinguishable
+
+        assert main(["export", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--out",
+                     str(tmp_path / "exp_best"), "--faiss"]) == 0
+        assert "exported 150 users, 80 items (d=16)" in capsys.readouterr().out
+        r = Retriever.load(str(tmp_path / "exp_best"))
+        np.testing.assert_array_equal(r.recommend(users.numpy(), 20)[0], ref_best)
+        np.testing.assert_array_equal(r.recommend(users.numpy(), 20, exact=False)[0], ref_best)
+        assert r.manifest["metrics"] == extra["metrics"] and r.manifest["checkpoint"]["weights"] == "best_model"
+        assert r.manifest["checkpoint"]["url"] == step6 and r.manifest["config"] == to_dict(cfg)
+        assert len(r.manifest["dataset"]["fingerprint"]) == 40 and r.manifest["code_version"] != "unknown"
+
+        assert main(["export", "--checkpoint", step6, "--out", str(tmp_path / "exp_last"), "--weights", "last"]) == 0
+        r = Retriever.load(str(tmp_path / "exp_last"))
+        np.testing.assert_array_equal(r.recommend(users.numpy(), 20)[0], ref_last)
+
+        # a checkpoint with only "model" (no valid selection yet) exports "model"
+        step7 = store.save(7, {"model": last}, extra=extra)
+        assert main(["export", "--checkpoint", step7, "--out", str(tmp_path / "exp_model")]) == 0
+        r = Retriever.load(str(tmp_path / "exp_model"))
+        assert r.manifest["checkpoint"]["weights"] == "model"
+        np.testing.assert_array_equal(r.recommend(users.numpy(), 20)[0], ref_last)
+    finally:
+        trainer.close()
+
+    (tmp_path / "empty").mkdir()
+    assert main(["export", "--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
+    assert "no complete, verified checkpoint" in capsys.readouterr().err
