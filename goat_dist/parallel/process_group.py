@@ -72,8 +72,13 @@ def init_process_group(cfg: DistConfig | None = None) -> DistEnv:
     cfg = cfg or DistConfig()
     owns = False
     if dist.is_initialized():
-        backend = dist.get_backend()
+        # Adopted (Ray Train's TorchConfig backend, a test harness): never re-created, never ended here.
+        backend = str(dist.get_backend())
         rank, world_size = dist.get_rank(), dist.get_world_size()
+        if cfg.backend != "auto" and cfg.backend != backend:
+            raise ValueError(f"dist.backend: {cfg.backend!r} is configured, but the process group that the launcher "
+                             f"already initialised uses {backend!r} (with Ray, the launcher passes the backend "
+                             "to TorchConfig: use dist.backend=auto or the same name)")
     else:
         backend = resolve_backend(cfg.backend)
         rank = int(os.environ.get("RANK", "0"))
@@ -97,7 +102,8 @@ def init_process_group(cfg: DistConfig | None = None) -> DistEnv:
     else:
         device = torch.device("cpu")
     env = DistEnv(rank, world_size, local_rank, device, str(backend), owns)
-    log.info("process group: backend %s, world size %d, device %s", env.backend, world_size, device)
+    log.info("process group: backend %s, world size %d, device %s (%s)", env.backend, world_size, device,
+             "created" if owns else "adopted from the launcher")
     return env
 
 
