@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  (DTensor imports it on first use: ~5-10 s per forked rank otherwise)
 import torch.distributed as dist
 from dist_utils import run_distributed
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
 
 from goat_dist.checkpoint import CheckpointError, CheckpointStore
 
@@ -18,10 +19,16 @@ def full_table() -> torch.Tensor:
     return torch.arange(ROWS * DIM, dtype=torch.float32).reshape(ROWS, DIM) / 7
 
 
-def rank_state(rank: int, world: int) -> dict:
+def row_sharded(full: torch.Tensor, rank: int, world: int) -> DTensor:
+    """``full`` split by rows over ``world`` ranks (DTensor Shard(0): torch.chunk sizes)."""
     mesh = init_device_mesh("cpu", (world,))
+    return DTensor.from_local(full.chunk(world)[rank].clone(), mesh, [Shard(0)], shape=full.shape,
+                              stride=full.stride())
+
+
+def rank_state(rank: int, world: int) -> dict:
     return {
-        "emb": distribute_tensor(full_table(), mesh, [Shard(0)]),       # row-wise sharded table
+        "emb": row_sharded(full_table(), rank, world),                  # row-wise sharded table
         "dense": {"w": torch.linspace(-1, 1, 6).reshape(2, 3), "b": torch.tensor([1, 2], dtype=torch.int64)},
         f"rng/rank{rank}": torch.Generator().manual_seed(100 + rank).get_state(),   # per-rank keys
         f"cursor/rank{rank}": 1000 + rank,
@@ -30,9 +37,8 @@ def rank_state(rank: int, world: int) -> dict:
 
 
 def zero_state(rank: int, world: int) -> dict:
-    mesh = init_device_mesh("cpu", (world,))
     return {
-        "emb": distribute_tensor(torch.zeros(ROWS, DIM), mesh, [Shard(0)]),
+        "emb": row_sharded(torch.zeros(ROWS, DIM), rank, world),
         "dense": {"w": torch.zeros(2, 3), "b": torch.zeros(2, dtype=torch.int64)},
         f"rng/rank{rank}": torch.zeros_like(torch.Generator().get_state()),
         f"cursor/rank{rank}": -1, "step": -1, "name": "",
@@ -71,7 +77,7 @@ def test_world2_round_trip_per_rank_keys(tmp_path):
     for rank, res in enumerate(out):
         assert res["extra"] == {"saved_by": 2}
         assert torch.equal(res["emb_full"], full_table())
-        assert torch.equal(res["emb_local"], full_table().tensor_split(2)[rank])
+        assert torch.equal(res["emb_local"], full_table().chunk(2)[rank])
         assert torch.equal(res["rng"], torch.Generator().manual_seed(100 + rank).get_state())
         assert res["cursor"] == 1000 + rank and res["step"] == 42 and res["name"] == "run"
         assert torch.equal(res["dense"]["w"], torch.linspace(-1, 1, 6).reshape(2, 3))
@@ -94,7 +100,7 @@ def test_reshard_2_to_1_and_3(tmp_path):
     out = run_distributed(load_body_mod2, 3, root)
     for rank, res in enumerate(out):
         assert torch.equal(res["emb_full"], full_table())
-        assert torch.equal(res["emb_local"], full_table().tensor_split(3)[rank])
+        assert torch.equal(res["emb_local"], full_table().chunk(3)[rank])
         assert torch.equal(res["rng"], torch.Generator().manual_seed(100 + rank % 2).get_state())
         assert res["cursor"] == 1000 + rank % 2
 
