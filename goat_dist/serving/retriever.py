@@ -47,30 +47,38 @@ class _IdMap:
         self.index = None if ids is None else {v: k for k, v in enumerate(ids)}
 
     def to_index(self, values: Sequence[Any] | np.ndarray) -> np.ndarray:
-        values = list(np.asarray(values, dtype=object).reshape(-1)) if not isinstance(values, list) else values
+        """Contiguous indices [n] of original ids; KeyError naming every unknown one (up to 5)."""
+        arr = np.asarray(values)
+        if self.index is None and arr.dtype.kind in "iu":  # integer ids: vectorised
+            out = arr.reshape(-1).astype(np.int64)
+            bad = (out < 0) | (out >= self.n)
+            if bad.any():
+                self._unknown(out[bad].tolist())
+            return out
+        values = list(arr.astype(object).reshape(-1))
         out = np.empty(len(values), dtype=np.int64)
         unknown = []
         for k, v in enumerate(values):
-            if self.index is None:
-                try:
-                    iv = int(v)
-                    ok = str(v).strip().lstrip("-").isdigit() or isinstance(v, (int, np.integer))
-                except (TypeError, ValueError):
-                    ok = False
-                if ok and 0 <= iv < self.n:
-                    out[k] = iv
-                    continue
-            else:
+            if self.index is not None:
                 idx = self.index.get(str(v))
-                if idx is not None:
-                    out[k] = idx
-                    continue
-            unknown.append(v)
+            elif isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+                idx = int(v)
+            elif isinstance(v, str) and v.strip().isdigit():  # integer ids given as text
+                idx = int(v)
+            else:
+                idx = None
+            if idx is None or not 0 <= idx < self.n:
+                unknown.append(v)
+            else:
+                out[k] = idx
         if unknown:
-            shown = ", ".join(repr(v) for v in unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
-            raise KeyError(f"unknown {self.what} id(s): {shown}; the export knows {self.n} {self.what}s"
-                           + (f" (ids 0..{self.n - 1})" if self.index is None else ""))
+            self._unknown(unknown)
         return out
+
+    def _unknown(self, unknown: list) -> None:
+        shown = ", ".join(repr(v) for v in unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        raise KeyError(f"unknown {self.what} id(s): {shown}; the export knows {self.n} {self.what}s"
+                       + (f" (ids 0..{self.n - 1})" if self.index is None else ""))
 
     def to_original(self, index: np.ndarray) -> np.ndarray:
         """Original ids of ``index`` (any shape); -1 marks padding and maps to -1 / None."""
