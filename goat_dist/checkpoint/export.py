@@ -38,6 +38,7 @@ from goat_dist.graph.cache import content_hash
 from goat_dist.log import get_logger
 from goat_dist.model.fusion import OATFusion
 from goat_dist.model.recgoat import RecGOAT
+from goat_dist.serving import cold_start
 from goat_dist.serving.bundle import (COLD_START, EMBEDDINGS, FAISS_INDEX, FORMAT, IDENTITY, ITEM_IDS, MANIFEST,
                                       TRAIN_ITEMS, USER_IDS, write_file, write_manifest)
 
@@ -124,6 +125,26 @@ def cold_start_params(model: RecGOAT) -> tuple[dict[str, np.ndarray], dict[str, 
     return arrays, meta
 
 
+def calibration_scale(params: Mapping[str, np.ndarray], meta: Mapping[str, Any], item_features: Mapping[str, Any],
+                      item_reps: np.ndarray, chunk_size: int = 65536) -> float:
+    """Least-squares scale s = <E, I> / <E, E> between the cold-start embeddings E of the EXISTING
+    items (from their features) and their trained representations I, over all exported items.
+
+    ``embed_items`` reproduces the model's computation, whose vectors are on the modality views'
+    scale, not the trained items' (norms several times larger on the synthetic data; see
+    benchmarks/results/cold_start.json); multiplying by s puts new items on the catalogue's scale.
+    Fitted on trained items only, so no held-out information enters it."""
+    num = den = 0.0
+    n = item_reps.shape[0]
+    for s0 in range(0, n, chunk_size):
+        rows = np.arange(s0, min(s0 + chunk_size, n))
+        e = cold_start.embed_items(params, meta, {m: np.asarray(item_features[m][rows], dtype=np.float32)
+                                                  for m in meta["modalities"]}).astype(np.float64)
+        num += float((e * item_reps[rows]).sum())
+        den += float((e * e).sum())
+    return num / den if den > 0 else 1.0
+
+
 def build_faiss_index(items: np.ndarray, kind: str = "flat", nlist: int = 0, seed: int = 0):
     """FAISS inner-product index over ``items`` [n, d]: ``flat`` (IndexFlatIP, exact) or ``ivf``
     (IndexIVFFlat with ``nlist`` lists, default ~4 sqrt(n), trained on the items)."""
@@ -195,6 +216,7 @@ def export_model(model: RecGOAT, inputs: Any, cfg: Config, out_url: str, *, fais
             ids[side] = name
     cold = cold_start_params(model)
     if cold is not None:
+        cold[1]["calibration_scale"] = calibration_scale(cold[0], cold[1], inputs.item_features, item_np)
         write_file(out_url, COLD_START, save(cold[0]), files)
     faiss_meta = None
     if faiss_kind:

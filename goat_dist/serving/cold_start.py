@@ -32,6 +32,24 @@ import numpy as np
 from goat_dist.serving.bundle import BundleError
 
 
+META_KEYS = ("modalities", "dim", "feature_dims", "gat_layers", "normalize", "ln_eps", "calibration_scale")
+
+
+def check_meta(meta: Any, where: str) -> None:
+    """Raise BundleError naming ``where`` unless ``meta`` describes cold-start parameters."""
+    if not isinstance(meta, dict):
+        raise BundleError(f"{where}: cold_start must be an object, got {type(meta).__name__}")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise BundleError(f"{where}: cold_start is missing {missing}")
+    if not isinstance(meta["modalities"], list) or not meta["modalities"] or \
+            set(meta["feature_dims"]) != set(meta["modalities"]):
+        raise BundleError(f"{where}: cold_start.modalities / feature_dims disagree or are empty")
+    scale = meta["calibration_scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
+        raise BundleError(f"{where}: cold_start.calibration_scale must be a finite number, got {scale!r}")
+
+
 def expected_tensors(meta: Mapping[str, Any]) -> dict[str, tuple[tuple[int | None, ...], tuple[str, ...]]]:
     """Key -> (shape, dtypes) of every tensor the cold-start file must hold, from its description."""
     d, f32 = int(meta["dim"]), ("float32",)

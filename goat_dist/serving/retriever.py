@@ -145,6 +145,7 @@ class Retriever:
         cold = None
         meta = manifest.get("cold_start")
         if meta:
+            cold_start.check_meta(meta, f"{url}/manifest.json")
             cold = (load_tensors(url, COLD_START, manifest, cold_start.expected_tensors(meta)), meta)
 
         index = None
@@ -243,13 +244,22 @@ class Retriever:
         return idx, val
 
     # ------------------------------------------------------------------------------------------
-    def embed_items(self, features: Mapping[str, Any]) -> np.ndarray:
+    def embed_items(self, features: Mapping[str, Any], calibrated: bool = False) -> np.ndarray:
         """Representations [n, d] of NEW items from their modality features {m: [n, f_m]} alone
-        (see ``serving.cold_start``); score them against ``user_reps`` like any item."""
+        (see ``serving.cold_start``); score them against ``user_reps`` like any item.
+
+        ``calibrated=False``: the model's own computation for an item without interactions or graph
+        neighbours. ``calibrated=True``: that times the export's least-squares scale onto the trained
+        items (manifest ``cold_start.calibration_scale``), so new items sit on the catalogue's
+        scale instead of the modality views' (the trade-off is measured in
+        ``benchmarks/results/cold_start.json``)."""
         if self._cold is None:
             raise BundleError("this export has no cold-start parameters (they need OAT fusion over item modalities)")
         params, meta = self._cold
-        return cold_start.embed_items(params, meta, features)
+        out = cold_start.embed_items(params, meta, features)
+        if calibrated:
+            out = out * np.float32(meta["calibration_scale"])
+        return out
 
     def user_vectors(self, user_ids: Sequence[Any] | np.ndarray) -> np.ndarray:
         """Scoring representations [n, d] of original user ids."""

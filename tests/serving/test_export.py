@@ -234,8 +234,13 @@ def test_embed_items_matches_torch_reference(tmp_path, normalize):
             ref = reference_cold_items(trainer.model, feats)
         assert got.shape == (9, 16) and got.dtype == np.float32
         np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-5)
-        # an existing item's features give a vector that scores like an item
-        assert np.isfinite(r.user_reps[:3].numpy() @ got.T).all()
+        # calibration: the least-squares scale of the existing items' embeddings onto their trained rows
+        every = r.embed_items({m: np.asarray(f, dtype=np.float32) for m, f in trainer.item_features.items()})
+        trained = r.item_reps.numpy().astype(np.float64)
+        scale = (every * trained).sum() / (every.astype(np.float64) ** 2).sum()
+        assert r.manifest["cold_start"]["calibration_scale"] == pytest.approx(scale, rel=1e-5)
+        np.testing.assert_allclose(r.embed_items({m: v.numpy() for m, v in feats.items()}, calibrated=True),
+                                   got * np.float32(scale), rtol=1e-5, atol=1e-6)
     finally:
         trainer.close()
 
