@@ -178,7 +178,7 @@ def export_model(model: RecGOAT, inputs: Any, cfg: Config, out_url: str, *, fais
     Args:
         model: the trained model (any device; evaluated in eval mode).
         inputs: what the trainer built (a ``Trainer`` after ``_build_inputs``): ``dataset``,
-            ``graphs``, ``item_features``, ``user_features``, ``_train_csr``.
+            ``graphs``, ``item_features``, ``user_features``.
         cfg: the resolved config (stored in the manifest).
         faiss_kind: None (no index), ``flat`` or ``ivf`` (``nlist`` lists, searched with ``nprobe``,
             default min(nlist, 16)).
@@ -204,7 +204,7 @@ def export_model(model: RecGOAT, inputs: Any, cfg: Config, out_url: str, *, fais
 
     files: dict[str, dict[str, Any]] = {}
     write_file(out_url, EMBEDDINGS, save({"user": user_np, "item": item_np}), files)
-    train = inputs._train_csr
+    train = g.ui.user_items  # the training interactions evaluation masks (Trainer._train_csr)
     write_file(out_url, TRAIN_ITEMS, save({"indptr": train.indptr.to(torch.int64).contiguous().numpy(),
                                            "indices": train.indices.contiguous().numpy()}), files)
     ids = {}
@@ -261,14 +261,15 @@ def export_model(model: RecGOAT, inputs: Any, cfg: Config, out_url: str, *, fais
 
 def build_for_inference(cfg: Config, device: torch.device | str = "cpu"):
     """A ``Trainer`` whose inputs (data, graphs, features) and freshly initialised model are built
-    exactly as for training, in a throw-away run directory. Caller: ``.close()`` when done."""
+    exactly as for training; it writes nothing (no run directory survives, no checkpoints)."""
     from goat_dist.engine.trainer import Trainer
 
     cfg = copy.deepcopy(cfg)
     cfg.log.tensorboard = False
     cfg.checkpoint.every_steps, cfg.checkpoint.dir = 0, ""  # this trainer never trains nor saves
-    run_dir = tempfile.mkdtemp(prefix="goat_export_")
-    trainer = Trainer(cfg, run_dir, device=device)
+    with tempfile.TemporaryDirectory(prefix="goat_export_") as run_dir:
+        trainer = Trainer(cfg, run_dir, device=device)
+        trainer.close()  # it never logs: release a run logger it may have opened, before its folder goes
     trainer._build_inputs()
     trainer.model = trainer._new_model(trainer.device)
     trainer.model.eval()

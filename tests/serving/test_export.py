@@ -332,3 +332,32 @@ def test_goat_export_from_checkpoint_root_and_step(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["export", "--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
     assert "no complete, verified checkpoint" in capsys.readouterr().err
+
+
+def test_train_with_checkpoints_then_export_run_dir(tmp_path, capsys):
+    """The whole path: ``Trainer.fit`` saving checkpoints every 3 steps -> ``goat export --checkpoint
+    RUN_DIR/checkpoints`` -> Retriever: its top-20 is the selected model's evaluation top-20 and
+    its lists reproduce the run's test Recall@20 (final.json)."""
+    from goat_dist.cli import main
+
+    cfg = tiny_cfg(tmp_path, "train.epochs=1", "checkpoint.every_steps=3")
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.build()
+    try:
+        final = trainer.fit()
+        if not any((tmp_path / "run" / "checkpoints").glob("step-*")):
+            pytest.skip("this tree's Trainer writes no checkpoints (engine checkpointing not merged)")
+        users = torch.arange(trainer.dataset.n_users)
+        ref = reference_topk(trainer, users, 20)[0].numpy()  # fit() leaves the selected model in place
+    finally:
+        trainer.close()
+    assert main(["export", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--out", str(tmp_path / "exp")]) == 0
+    r = Retriever.load(str(tmp_path / "exp"))
+    items, _ = r.recommend(users.numpy(), 20)
+    np.testing.assert_array_equal(items, ref)
+    test = CSR.from_edges(torch.from_numpy(trainer.dataset.splits["test"].users.astype(np.int64)),
+                          torch.from_numpy(trainer.dataset.splits["test"].items.astype(np.int64)),
+                          trainer.dataset.n_users, trainer.dataset.n_items)
+    recall = [len(set(test.indices[test.indptr[u]:test.indptr[u + 1]].tolist()) & set(items[u].tolist()))
+              / int(test.indptr[u + 1] - test.indptr[u]) for u in range(len(users)) if test.indptr[u + 1] > test.indptr[u]]
+    assert np.mean(recall) == pytest.approx(final["test"]["recall@20"], abs=1e-12)
