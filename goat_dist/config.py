@@ -61,7 +61,25 @@ class GraphConfig:
     knn_block_size: int = 8192
     cache_dir: str = ".cache/goat_graphs"
     device: str = "auto"
-    """Where kNN runs: ``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
+    """Where the ``exact`` kNN runs: ``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
+    knn_backend: str = "auto"
+    """``exact`` (blockwise torch GEMM + top-k; the reference) | ``faiss_flat`` (exact, faiss
+    IndexFlatIP) | ``ivf`` (approximate, faiss IndexIVF) | ``auto`` (exact up to
+    ``knn_exact_max_rows`` rows, ivf above)."""
+    knn_exact_max_rows: int = 100_000
+    knn_nlist: int = 0
+    """ivf: inverted lists (0 = round(4 sqrt(N)))."""
+    knn_nprobe: int = 8
+    """ivf: lists scanned per query (more = better recall, slower)."""
+    knn_ivf_train_per_list: int = 32
+    """ivf: k-means training rows per list (a seeded sample of ``train_per_list * nlist`` rows)."""
+    knn_ivf_niter: int = 10
+    knn_ivf_quantizer: str = "flat"
+    """ivf coarse quantiser: ``flat`` (exact assignment) | ``hnsw`` (for tens of millions of rows)."""
+    knn_ivf_codec: str = "Flat"
+    """ivf storage: ``Flat`` (float32) | ``SQfp16`` (half the memory)."""
+    knn_threads: int = 1
+    """faiss OpenMP threads (0 = faiss's default: every core)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -140,6 +158,9 @@ class TrainConfig:
     eval_every_epochs: int = 1
     patience: int = 10
     """Early stopping: evaluations without improvement on the validation metric."""
+    max_nonfinite_steps: int = 5
+    """The run fails when this many steps had a non-finite loss part or dense gradient norm (each such
+    step is skipped on every rank, weights unchanged; see ``engine/trainer.py``). 0 or 1: the first."""
     num_threads: int = 0
     """torch intra-op threads of the training process (0 = leave torch's default). On a small, shared
     CPU machine 1 is often several times faster than 2: thread hand-offs stall on busy cores."""
@@ -170,7 +191,11 @@ class CheckpointConfig:
     dir: str = ""
     """Checkpoint root (path or URL); empty = ``<run_dir>/checkpoints``."""
     every_steps: int = 0
+    """Save the full training state every this many steps (0 = no periodic checkpoints)."""
+    at_end: bool = True
+    """Save the full training state when training ends (before the test evaluation)."""
     keep: int = 3
+    """Newest complete checkpoints kept (0 = all)."""
 
 
 @dataclass(kw_only=True, slots=True)

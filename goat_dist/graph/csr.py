@@ -238,6 +238,36 @@ class CSR:
         indptr, indices, out_vals = _sort_dedup_rows(indptr, indices, out_vals, n_cols, chunk)
         return cls(indptr, indices, n_cols, out_vals)
 
+    @classmethod
+    def from_edge_chunks(cls, chunks: EdgeChunks, n_rows: int, n_cols: int, nnz: int, has_values: bool,
+                         *, chunk: int = CHUNK) -> "CSR":
+        """Build from an edge list given as a re-iterable stream of ``(rows, cols, values)`` chunks
+        (``chunks()`` is called twice: counting, then scattering); ``nnz`` = total edges streamed.
+        Duplicates are merged (first value kept), as in ``from_edges``; no [E] array is ever
+        concatenated, so extra memory is the output plus O(n_rows + chunk).
+
+        Raises ValueError on ids outside ``[0, n_rows)`` / ``[0, n_cols)`` or when the chunks
+        hold a different number of edges than ``nnz``."""
+        def checked():
+            seen = 0
+            for r, c, v in chunks():
+                if r.numel():
+                    for name, ids, n in (("row", r, n_rows), ("col", c, n_cols)):
+                        lo, hi = int(ids.min()), int(ids.max())
+                        if lo < 0 or hi >= n:
+                            raise ValueError(f"{name} ids must lie in [0, {n}), got [{lo}, {hi}] "
+                                             f"in the chunk starting at edge {seen}")
+                seen += int(r.numel())
+                if seen > nnz:
+                    raise ValueError(f"edge chunks hold more than nnz={nnz} edges")
+                yield r, c, (None if v is None else v.to(torch.float32))
+            if seen != nnz:
+                raise ValueError(f"edge chunks hold {seen} edges, expected nnz={nnz}")
+
+        indptr, indices, out_vals = _group_by_row(n_rows, n_cols, nnz, checked, has_values)
+        indptr, indices, out_vals = _sort_dedup_rows(indptr, indices, out_vals, n_cols, chunk)
+        return cls(indptr, indices, n_cols, out_vals)
+
     def transpose(self, chunk: int = CHUNK) -> "CSR":
         """The CSR of the transposed graph (columns become rows), values carried along.
 

@@ -19,6 +19,20 @@ Design choices:
 - Cost: exact kNN is N^2 d multiply-adds (1M x 64: 6.4e13), GEMM-bound; measured on the shared
   2-core dev CPU at roughly 0.66-1 ms per row of 100k and ~10 ms per row of 1M, i.e. hours for 1M
   rows on CPU -- use ``device="cuda"`` (or ``auto`` on a GPU machine) at that scale.
+- Backends (``knn_graph(..., backend=)``): ``exact`` is the blockwise torch path above (the
+  reference; deterministic ties); ``faiss_flat`` is exact too (faiss ``IndexFlatIP``: BLAS inner
+  products and a heap top-k; ties may break differently; measured only ~1.3-2x faster than
+  ``exact`` on the shared CPU, so 1M rows is still hours); ``ivf`` is approximate (faiss
+  ``IndexIVF``, inner product on unit rows: k-means coarse quantiser with ``nlist`` lists trained
+  on a seeded row sample, ``nprobe`` lists scanned per query; an ``hnsw`` quantiser when a flat
+  assignment over ``nlist`` centroids costs too much (tens of millions of rows); ``SQfp16``
+  storage halves the index). ``auto`` = ``exact`` up to ``exact_max_rows`` rows, ``ivf`` above.
+  The faiss paths read the features ``READ_ROWS`` rows at a time (no full float32 copy besides
+  the index itself) and build the CSR from a stream of edge chunks (no concatenated edge arrays).
+- Edge values: ``exact`` recomputes every edge from the unit rows in one fixed order (exactly
+  symmetric); the faiss paths keep the search similarity (float32 inner product of unit rows,
+  fp16-rounded with ``SQfp16``) and stay exactly symmetric by stream order: an unordered pair
+  carries the value found by its smaller endpoint when it found the other (``_edge_stream``).
 - Co-interaction user graph: for each user the k users sharing the most train items (ties: smaller
   user id), from sparse products A[block] @ A^T expanded as (user, item, other user) pairs for a
   block of users at a time (``pair_budget`` pairs), never a dense U x U.
@@ -26,6 +40,8 @@ Design choices:
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,6 +58,45 @@ GROUP = 64
 READ_ROWS = 1 << 16
 """Feature rows read (and converted to float32) at a time from a possibly memory-mapped matrix."""
 
+BACKENDS = ("auto", "exact", "faiss_flat", "ivf")
+
+
+@dataclass(kw_only=True, slots=True)
+class IVFParams:
+    """Parameters of the ``ivf`` backend (faiss ``IndexIVF``, inner product on unit rows).
+
+    ``nlist`` lists (0 = ``round(4 sqrt(N))``, at most N / 8), ``nprobe`` lists scanned per query,
+    k-means on ``train_per_list * nlist`` sampled rows (seed ``seed``) for ``niter`` iterations,
+    ``quantizer`` ``flat`` (exact coarse assignment: N * nlist * d work) or ``hnsw`` (HNSW32 graph
+    over the centroids: for N in the tens of millions), ``codec`` ``Flat`` (float32 rows) or
+    ``SQfp16`` (half the memory; candidate order from fp16 rows, final values recomputed exactly)."""
+
+    nlist: int = 0
+    nprobe: int = 8
+    train_per_list: int = 32
+    niter: int = 10
+    quantizer: str = "flat"
+    codec: str = "Flat"
+    seed: int = 0
+
+    def resolved_nlist(self, n: int) -> int:
+        nlist = self.nlist or int(round(4 * math.sqrt(max(n, 1))))
+        return max(1, min(nlist, n // 8 if n >= 8 else 1))
+
+    def key(self, n: int) -> dict:
+        """The parameters that change the graph (for the cache key)."""
+        return {"nlist": self.resolved_nlist(n), "nprobe": self.nprobe, "train_per_list": self.train_per_list,
+                "niter": self.niter, "quantizer": self.quantizer, "codec": self.codec, "seed": self.seed}
+
+
+def resolve_backend(backend: str, n: int, exact_max_rows: int = 100_000) -> str:
+    """``auto`` -> ``exact`` for ``n <= exact_max_rows`` else ``ivf``; other names as given."""
+    if backend not in BACKENDS:
+        raise ValueError(f"graph.knn_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "exact" if n <= exact_max_rows else "ivf"
+    return backend
+
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` -> CUDA when available else CPU; ``cpu``/``cuda``/``cuda:1`` as given."""
@@ -56,11 +111,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def normalized_rows(features: np.ndarray | torch.Tensor, device: torch.device | str = "cpu",
-                    pad_to: int = 1) -> torch.Tensor:
+                    pad_to: int = 1, row_offset: int = 0) -> torch.Tensor:
     """Rows scaled to unit L2 norm, float32 on ``device``; all-zero rows stay zero.
 
     ``features`` [N, d] (float16/float32, numpy, memmap or tensor) is read ``READ_ROWS`` rows at a
-    time. The result has ``ceil(N / pad_to) * pad_to`` rows: the padding rows are zero.
+    time (``row_offset``: index of its first row in a larger matrix, for error messages). The
+    result has ``ceil(N / pad_to) * pad_to`` rows: the padding rows are zero.
 
     **Shape:** [N_padded, d] float32.
     """
@@ -76,7 +132,7 @@ def normalized_rows(features: np.ndarray | torch.Tensor, device: torch.device | 
         block = block.to(device)
         if not torch.isfinite(block).all():
             bad = s + int((~torch.isfinite(block)).any(1).nonzero()[0, 0])
-            raise ValueError(f"features row {bad}: NaN or Inf")
+            raise ValueError(f"features row {row_offset + bad}: NaN or Inf")
         norm = block.norm(dim=1, keepdim=True)
         out[s:s + block.shape[0]] = torch.where(norm > 0, block / norm.clamp(min=torch.finfo(torch.float32).tiny),
                                                 torch.zeros_like(block))
@@ -170,6 +226,144 @@ def topk_neighbours(x: torch.Tensor, n: int, k: int, *, block_size: int = 8192, 
     return out_cols, out_vals
 
 
+def _drop_self(ids: np.ndarray, sims: np.ndarray, first: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """From ``k + 1`` results per query row (rows ``first, first+1, ...``), drop the row itself (or,
+    when it is absent, the last result) and keep the other ``k`` in their order."""
+    q = ids.shape[0]
+    drop = ids == (np.arange(first, first + q, dtype=np.int64)[:, None])
+    missing = ~drop.any(1)
+    drop[missing, -1] = True
+    first_drop = drop.argmax(1)  # duplicates of the query id (cannot happen) would keep only one dropped
+    keep = np.ones_like(drop)
+    keep[np.arange(q), first_drop] = False
+    return ids[keep].reshape(q, k), sims[keep].reshape(q, k)
+
+
+def _faiss_module(threads: int):
+    try:
+        import faiss
+    except ImportError as exc:  # pragma: no cover - faiss-cpu is a pinned dependency
+        raise ImportError("graph.knn_backend faiss_flat/ivf needs faiss (pip install faiss-cpu)") from exc
+    if threads > 0:
+        faiss.omp_set_num_threads(threads)
+    return faiss
+
+
+def _unit_rows_np(features: np.ndarray | torch.Tensor, s: int, e: int) -> np.ndarray:
+    """Rows ``[s, e)`` of ``features`` as contiguous float32 unit rows (zero rows stay zero)."""
+    return np.ascontiguousarray(normalized_rows(features[s:e], "cpu", row_offset=s).numpy())
+
+
+def faiss_topk(features: np.ndarray | torch.Tensor, k: int, *, backend: str = "faiss_flat",
+               ivf: IVFParams | None = None, query_rows: int = 1 << 14, threads: int = 1,
+               show_progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine top-k (excluding self) of every row of ``features`` with faiss.
+
+    ``backend`` ``faiss_flat``: exact (``IndexFlatIP`` over unit rows). ``ivf``: approximate
+    (``IndexIVF`` per ``ivf``). Rows are normalised ``READ_ROWS`` at a time and streamed into the
+    index; queries run ``query_rows`` at a time with ``k + 1`` results, the row itself dropped.
+    An ``ivf`` query whose probed lists hold fewer than ``k`` other rows gets fewer neighbours:
+    its missing slots are -1 (counted and logged by ``knn_graph``).
+
+    **Returns:** ``(cols [N, k] int32/int64 (``index_dtype(N)``; -1 = none), sims [N, k] float32)``,
+    each row by decreasing similarity.
+    """
+    faiss = _faiss_module(threads)
+    n, d = int(features.shape[0]), int(features.shape[1])
+    ivf = ivf or IVFParams()
+    t0 = time.perf_counter()
+    if backend == "faiss_flat":
+        index = faiss.IndexFlatIP(d)
+    elif backend == "ivf":
+        if ivf.quantizer not in ("flat", "hnsw") or ivf.codec not in ("Flat", "SQfp16"):
+            raise ValueError(f"ivf quantizer must be flat|hnsw and codec Flat|SQfp16, got "
+                             f"{ivf.quantizer!r} / {ivf.codec!r}")
+        nlist = ivf.resolved_nlist(n)
+        q = f"IVF{nlist}" + ("_HNSW32" if ivf.quantizer == "hnsw" else "")
+        index = faiss.index_factory(d, f"{q},{ivf.codec}", faiss.METRIC_INNER_PRODUCT)
+        ivf_index = faiss.extract_index_ivf(index)
+        ivf_index.cp.niter = ivf.niter
+        ivf_index.cp.seed = ivf.seed
+        n_train = min(n, max(ivf.train_per_list * nlist, nlist))
+        ivf_index.cp.max_points_per_centroid = max(1, -(-n_train // nlist))  # no further subsampling
+        rng = np.random.default_rng(ivf.seed)
+        sample = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else np.arange(n)
+        train = np.concatenate([_unit_rows_np(features[sample[s:s + READ_ROWS]], 0, len(sample[s:s + READ_ROWS]))
+                                for s in range(0, n_train, READ_ROWS)]) if n_train else np.zeros((0, d), np.float32)
+        index.train(train)
+        del train
+        ivf_index.nprobe = min(ivf.nprobe, nlist)
+        if ivf.quantizer == "hnsw":
+            faiss.downcast_index(ivf_index.quantizer).hnsw.efSearch = max(16, 2 * ivf.nprobe)
+        log.info("kNN ivf: %d lists, nprobe %d, trained on %d rows in %.1fs", nlist, ivf_index.nprobe, n_train,
+                 time.perf_counter() - t0)
+    else:
+        raise ValueError(f"faiss_topk backend must be faiss_flat or ivf, got {backend!r}")
+    for s in range(0, n, READ_ROWS):
+        index.add(_unit_rows_np(features, s, min(n, s + READ_ROWS)))
+    t_add = time.perf_counter()
+    kq = min(k + 1, n)
+    cols = torch.empty(n, k, dtype=index_dtype(n))
+    sims = torch.empty(n, k, dtype=torch.float32)
+    starts = range(0, n, query_rows)
+    for s in progress(starts, desc=f"kNN {backend}", disable=None if show_progress else True):
+        e = min(n, s + query_rows)
+        dist, ids = index.search(_unit_rows_np(features, s, e), kq)
+        ids, dist = _drop_self(ids, dist, s, kq - 1)
+        if kq - 1 < k:  # k >= n: pad (knn_graph caps k, direct callers get -1 slots)
+            ids = np.concatenate([ids, np.full((e - s, k - kq + 1), -1, ids.dtype)], 1)
+            dist = np.concatenate([dist, np.zeros((e - s, k - kq + 1), dist.dtype)], 1)
+        cols[s:e] = torch.from_numpy(ids)
+        sims[s:e] = torch.from_numpy(dist)
+    del index
+    log.info("kNN %s: %d rows, k=%d: index %.1fs, search %.1fs", backend, n, k, t_add - t0,
+             time.perf_counter() - t_add)
+    return cols, sims
+
+
+def _edge_stream(cols: torch.Tensor, vals: torch.Tensor, n: int, *, symmetrize: bool, self_loops: bool,
+                 self_values: torch.Tensor | None, with_values: bool, rows_per_chunk: int):
+    """``chunks()`` for ``CSR.from_edge_chunks``: the kNN edges ``i -> cols[i, j]`` (slots < 0
+    skipped), their reverses, then self-loops; int32/int64 ids per ``index_dtype(n)``.
+
+    Symmetrised with values, the stream makes the merged graph exactly symmetric without
+    recomputing anything: the CSR keeps the FIRST value of a repeated (row, col), so the edges
+    found by their smaller endpoint (query i < neighbour j) come first, both ways, then the rest:
+    an unordered pair found from both sides carries i's value in both rows, one found from one
+    side only carries that side's value in both."""
+    idx = index_dtype(n)
+    k = cols.shape[1]
+    passes = (("lt", False), ("lt", True), ("ge", False), ("ge", True)) if symmetrize else (("all", False),)
+
+    def chunks():
+        for which, reverse in passes:
+            for s in range(0, n, rows_per_chunk):
+                e = min(n, s + rows_per_chunk)
+                c = cols[s:e].reshape(-1)
+                r = torch.arange(s, e, dtype=idx).repeat_interleave(k)
+                v = vals[s:e].reshape(-1) if with_values else None
+                ok = c >= 0
+                if which == "lt":
+                    ok &= r < c
+                elif which == "ge":
+                    ok &= r >= c
+                if not bool(ok.all()):
+                    r, c = r[ok], c[ok]
+                    v = None if v is None else v[ok]
+                c = c.to(idx)
+                yield (c, r, v) if reverse else (r, c, v)
+        if self_loops:
+            for s in range(0, n, rows_per_chunk * max(k, 1)):
+                e = min(n, s + rows_per_chunk * max(k, 1))
+                ids = torch.arange(s, e, dtype=idx)
+                v = None
+                if with_values:
+                    v = self_values[s:e] if self_values is not None else torch.ones(e - s, dtype=torch.float32)
+                yield ids, ids, v
+
+    return chunks
+
+
 def _symmetric_graph(src: torch.Tensor, dst: torch.Tensor, vals: torch.Tensor, n: int, *, symmetrize: bool,
                      self_loops: bool, self_values: torch.Tensor | None, with_values: bool) -> CSR:
     """CSR (rows = dst) of the edges ``src -> dst`` (plus reverses and self-loops when asked)."""
@@ -188,47 +382,108 @@ def _symmetric_graph(src: torch.Tensor, dst: torch.Tensor, vals: torch.Tensor, n
                           torch.cat(values).to(torch.float32) if with_values else None)
 
 
+def _recompute_cosines(graph: CSR, x: torch.Tensor, dev: torch.device) -> None:
+    """Overwrite ``graph.values`` with ``sum(x_i * x_j)`` per edge from the unit rows ``x``, summed in
+    one fixed order (exactly symmetric: i->j and j->i get the same bits), self-loops 1."""
+    d = int(x.shape[1])
+    pos = 0
+    for r, c, _ in graph.edge_chunks(max(1, (1 << 24) // max(1, d))):
+        r, c = r.to(dev), c.to(dev, torch.int64)
+        v = (x[r] * x[c]).sum(1)
+        graph.values[pos:pos + r.numel()] = torch.where(r == c, torch.ones_like(v), v).cpu()
+        pos += r.numel()
+
+
+def _self_loop_positions(graph: CSR) -> torch.Tensor:
+    """Positions in ``graph.indices`` of the edges r -> r, int64."""
+    out = []
+    pos = 0
+    for r, c, _ in graph.edge_chunks():
+        out.append(pos + (r == c.to(torch.int64)).nonzero().flatten())
+        pos += r.numel()
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+
+
+def _count_zero_rows(features: np.ndarray | torch.Tensor) -> int:
+    """All-zero rows of ``features``; raises ValueError naming the first row with NaN/Inf. Reads
+    ``READ_ROWS`` rows at a time."""
+    n, zero = int(features.shape[0]), 0
+    for s in range(0, n, READ_ROWS):
+        block = features[s:s + READ_ROWS]
+        block = block.to("cpu", torch.float32) if isinstance(block, torch.Tensor) else \
+            torch.from_numpy(np.asarray(block, dtype=np.float32))
+        finite = torch.isfinite(block).all(1)
+        if not bool(finite.all()):
+            raise ValueError(f"features row {s + int((~finite).nonzero()[0, 0])}: NaN or Inf")
+        zero += int((block.abs().amax(1) == 0).sum()) if block.shape[1] else block.shape[0]
+    return zero
+
+
 def knn_graph(features: np.ndarray | torch.Tensor, k: int, *, block_size: int = 8192,
               device: str | torch.device = "auto", symmetrize: bool = True, self_loops: bool = True,
-              with_values: bool = True, max_block_bytes: int | None = None) -> CSR:
+              with_values: bool = True, max_block_bytes: int | None = None, backend: str = "exact",
+              ivf: IVFParams | None = None, exact_max_rows: int = 100_000, threads: int = 1) -> CSR:
     """Cosine kNN graph over the rows of ``features``.
 
     ``features`` [N, d] float16/float32 (numpy array, memmap read block by block, or tensor). For
-    every row i the k rows j != i with the largest ``cos(x_i, x_j)`` (ties: smaller j), then edges
-    i->j, their reverses (``symmetrize``) and i->i (``self_loops``), duplicates merged. ``k`` is
-    capped at N - 1.
+    every row i the k rows j != i with the largest ``cos(x_i, x_j)`` (``exact``: ties -> smaller
+    j; ``faiss_flat``: exact up to ties; ``ivf``: approximate, see ``IVFParams``; ``auto``: exact
+    up to ``exact_max_rows`` rows, else ivf), then edges i->j, their reverses (``symmetrize``) and
+    i->i (``self_loops``), duplicates merged. ``k`` is capped at N - 1. ``threads``: faiss OpenMP
+    threads (faiss backends; 0 = faiss's default).
 
     **Returns:** CSR [N, N], rows = destination node, columns = neighbours (ascending), ``values``
     [nnz] float32 cosine similarity (self-loops 1.0) when ``with_values``.
     """
     n = int(features.shape[0])
+    if features.ndim != 2:
+        raise ValueError(f"features must be 2-D [N, d], got shape {tuple(features.shape)}")
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     k = min(k, max(n - 1, 0))
+    backend = resolve_backend(backend, n, exact_max_rows)
     dev = resolve_device(device)
-    x = normalized_rows(features, dev, pad_to=GROUP)
-    n_zero = int((x[:n].abs().amax(1) == 0).sum()) if n else 0
+    t0 = time.perf_counter()
+    x = None
+    if backend == "exact":
+        x = normalized_rows(features, dev, pad_to=GROUP)
+        n_zero = int((x[:n].abs().amax(1) == 0).sum()) if n else 0
+        if k > 0:
+            cols, vals = topk_neighbours(x, n, k, block_size=block_size, max_block_bytes=max_block_bytes)
+        else:
+            cols, vals = torch.zeros(n, 0, dtype=torch.int64), torch.zeros(n, 0)
+    else:
+        n_zero = _count_zero_rows(features)
+        if k > 0:
+            cols, vals = faiss_topk(features, k, backend=backend, ivf=ivf, threads=threads)
+        else:
+            cols, vals = torch.zeros(n, 0, dtype=index_dtype(n)), torch.zeros(n, 0)
+        short = int((cols < 0).any(1).sum())
+        if short:
+            log.warning("kNN %s: %d of %d rows found fewer than k=%d neighbours in their probed lists "
+                        "(%d empty slots); raise graph.knn_nprobe", backend, short, n, k, int((cols < 0).sum()))
     if n_zero:
         log.warning("kNN: %d of %d feature rows are all zero; their cosine similarities are 0 and their "
-                    "neighbours are the lowest other ids", n_zero, n)
-    if k > 0:
-        cols, vals = topk_neighbours(x, n, k, block_size=block_size, max_block_bytes=max_block_bytes)
-    else:
-        cols, vals = torch.zeros(n, 0, dtype=torch.int64), torch.zeros(n, 0)
-    src = torch.arange(n, dtype=torch.int64).repeat_interleave(k)
-    graph = _symmetric_graph(src, cols.flatten(), vals.flatten(), n, symmetrize=symmetrize,
-                             self_loops=self_loops, self_values=None, with_values=with_values)
-    if with_values and graph.nnz:
-        # i->j and j->i were possibly computed in different blocks (last-bit differences); recompute
-        # every edge as an elementwise product summed in one fixed order, which is exactly symmetric.
-        pos = 0
-        for r, c, _ in graph.edge_chunks(max(1, (1 << 24) // max(1, x.shape[1]))):
-            r, c = r.to(dev), c.to(dev, torch.int64)
-            v = (x[r] * x[c]).sum(1)
-            graph.values[pos:pos + r.numel()] = torch.where(r == c, torch.ones_like(v), v).cpu()
-            pos += r.numel()
+                    "neighbours are %s", n_zero, n,
+                    "the lowest other ids" if backend == "exact" else "arbitrary (ties)")
+    t_search = time.perf_counter()
+    n_edges = int((cols >= 0).sum())
+    nnz_in = n_edges * (2 if symmetrize else 1) + (n if self_loops else 0)
+    stream = _edge_stream(cols, vals, n, symmetrize=symmetrize, self_loops=self_loops, self_values=None,
+                          with_values=with_values, rows_per_chunk=max(1, (1 << 22) // max(k, 1)))
+    graph = CSR.from_edge_chunks(stream, n, n, nnz_in, with_values)
+    del cols, vals
+    if with_values and graph.nnz and x is not None:
+        # exact path: i->j and j->i were possibly computed in different blocks (last-bit differences);
+        # recompute every edge from the unit rows in one fixed order, which is exactly symmetric
+        _recompute_cosines(graph, x, dev)
+    elif with_values and graph.nnz:
+        # faiss paths: the search similarities (symmetric by the stream order); exact to float32
+        # rounding for Flat storage, to fp16 rounding for SQfp16. Self-loops 1.
+        graph.values[_self_loop_positions(graph)] = 1.0
     del x
-    log.info("kNN graph: %d nodes, k=%d, %d edges (device %s)", n, k, graph.nnz, dev)
+    log.info("kNN graph: %d nodes, k=%d, %d edges (backend %s, device %s): search %.1fs, graph %.1fs", n, k,
+             graph.nnz, backend, dev, t_search - t0, time.perf_counter() - t_search)
     return graph
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from goat_dist.graph import build_user_item_graph, knn_graph, user_graph_from_interactions, user_knn_from_embeddings
-from goat_dist.graph.knn import GROUP, normalized_rows, topk_neighbours
+from goat_dist.graph.knn import GROUP, IVFParams, faiss_topk, normalized_rows, resolve_backend, topk_neighbours
 
 
 def dense_cosine(f: np.ndarray) -> np.ndarray:
@@ -134,3 +134,91 @@ def test_co_interaction_user_graph_matches_bruteforce(pair_budget):
     rows = np.repeat(np.arange(n_users), out.degrees().numpy())
     np.testing.assert_array_equal(out.values.numpy(), co[rows, out.indices.numpy()])
     assert graph_rows(out)[-1] == [n_users - 1]  # cold user: self-loop only
+
+
+# --------------------------------------------------------------------------------------------------
+# faiss backends: faiss_flat is exact (continuous data: no ties), ivf is approximate with a recall bound.
+
+@pytest.mark.parametrize("n,d,k", [(700, 16, 5), (90, 8, 10)])
+def test_faiss_flat_equals_exact(n, d, k):
+    rng = np.random.default_rng(n + d)
+    f = rng.standard_normal((n, d)).astype(np.float32)
+    exact = knn_graph(f, k, device="cpu", backend="exact")
+    flat = knn_graph(f, k, device="cpu", backend="faiss_flat")
+    assert torch.equal(exact.indptr, flat.indptr) and torch.equal(exact.indices, flat.indices)
+    np.testing.assert_allclose(exact.values.numpy(), flat.values.numpy(), atol=1e-6)  # both exact cosines
+    cols, sims = faiss_topk(f, k, backend="faiss_flat", show_progress=False)
+    ref = reference_topk(dense_cosine(f), k)
+    assert [sorted(c) for c in cols.tolist()] == ref
+    s = dense_cosine(f)
+    np.testing.assert_allclose(sims.numpy(), np.take_along_axis(s, cols.long().numpy(), 1), atol=1e-5)
+
+
+def clustered(n: int, d: int, n_clusters: int, noise: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_clusters, d))
+    return (centres[rng.integers(0, n_clusters, n)] + noise * rng.standard_normal((n, d))).astype(np.float32)
+
+
+def recall_at_k(approx: torch.Tensor, exact: list[list[int]]) -> float:
+    hits = sum(len(set(a) & set(e)) for a, e in zip(approx.tolist(), exact))
+    return hits / sum(len(e) for e in exact)
+
+
+def test_ivf_recall_on_clustered_input():
+    """4,000 points around 40 centres: IVF (nlist 64, nprobe 8) must find >= 90% of the exact top-10;
+    nprobe = nlist scans every list and is exact."""
+    f = clustered(4000, 16, 40, 0.5, seed=1)
+    k = 10
+    exact = reference_topk(dense_cosine(f), k)
+    cols, _ = faiss_topk(f, k, backend="ivf", ivf=IVFParams(nlist=64, nprobe=8), show_progress=False)
+    assert recall_at_k(cols, exact) >= 0.9
+    full, _ = faiss_topk(f, k, backend="ivf", ivf=IVFParams(nlist=64, nprobe=64), show_progress=False)
+    assert recall_at_k(full, exact) >= 0.999
+    worse, _ = faiss_topk(f, k, backend="ivf", ivf=IVFParams(nlist=64, nprobe=1), show_progress=False)
+    assert recall_at_k(worse, exact) < recall_at_k(full, exact)
+
+
+@pytest.mark.parametrize("quantizer,codec", [("hnsw", "Flat"), ("flat", "SQfp16")])
+def test_ivf_variants_recall_and_graph_contract(quantizer, codec):
+    f = clustered(3000, 16, 30, 0.5, seed=2)
+    k = 8
+    ivf = IVFParams(nlist=48, nprobe=8, quantizer=quantizer, codec=codec)
+    g = knn_graph(f, k, device="cpu", backend="ivf", ivf=ivf)
+    s = dense_cosine(f)
+    rows = np.repeat(np.arange(3000), g.degrees().numpy())
+    cols = g.indices.numpy()
+    assert (rows == cols).sum() == 3000  # one self-loop each
+    assert np.array_equal(np.sort(rows * 3000 + cols), np.sort(cols * 3000 + rows))  # symmetric edge set
+    # values are the cosines (to float32 rounding for Flat storage, fp16 rounding for SQfp16) and
+    # symmetric bit for bit
+    np.testing.assert_allclose(g.values.numpy(), np.where(rows == cols, 1.0, s[rows, cols]),
+                               atol=1e-5 if codec == "Flat" else 2e-3)
+    dense = np.full((3000, 3000), np.nan, np.float32)
+    dense[rows, cols] = g.values.numpy()
+    np.testing.assert_array_equal(dense, dense.T)
+    out_deg = np.bincount(rows, minlength=3000)
+    assert (out_deg >= k + 1).all()
+    nbr, _ = faiss_topk(f, k, backend="ivf", ivf=ivf, show_progress=False)
+    assert recall_at_k(nbr, reference_topk(s, k)) >= 0.9
+
+
+def test_auto_backend_and_bad_names():
+    assert resolve_backend("auto", 1000, exact_max_rows=1000) == "exact"
+    assert resolve_backend("auto", 1001, exact_max_rows=1000) == "ivf"
+    with pytest.raises(ValueError, match="knn_backend"):
+        resolve_backend("annoy", 10)
+    f = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="quantizer"):
+        knn_graph(f, 3, backend="ivf", ivf=IVFParams(quantizer="pq"))
+
+
+def test_faiss_paths_report_bad_rows_and_zero_rows(caplog):
+    f = np.random.default_rng(4).standard_normal((200, 6)).astype(np.float32)
+    f[150, 2] = np.inf
+    with pytest.raises(ValueError, match="row 150"):
+        knn_graph(f, 3, backend="faiss_flat")
+    f[150] = 0
+    g = knn_graph(f, 3, backend="faiss_flat")
+    assert "1 of 200 feature rows are all zero" in caplog.text
+    assert torch.isfinite(g.values).all()

@@ -1,0 +1,182 @@
+"""kNN graph backends at scale (issue #2): time, peak RSS and recall of one backend per invocation.
+
+    python -m benchmarks.bench_knn --n 1000000 --d 64 --k 20 --backend ivf
+    python -m benchmarks.bench_knn --n 100000 --d 64 --k 20 --backend faiss_flat
+
+Input: ``N x d`` float16 standard gaussian rows (seeded). The timed part is the full
+``knn_graph`` (search + symmetrised CSR with self-loops + exact cosine values); its search phase is
+timed separately from the log-free ``faiss_topk``/``topk_neighbours`` call made first. Recall@k of an
+approximate backend is measured against the EXACT top-k of ``--recall-queries`` sampled rows, found
+by brute force (one GEMM of the sampled rows against all N rows, float32) -- no exact N x N run is
+needed. One thread everywhere (faiss OpenMP and torch): the machine is shared.
+
+Each invocation merges its entry (``runs[<backend>@<n>]``) into ``--out`` (a JSON file), so the
+backends can run as separate processes under ``/usr/bin/time -v``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.harness import RESULTS_DIR, machine_info
+from goat_dist.graph.knn import IVFParams, faiss_topk, knn_graph, normalized_rows, resolve_backend
+from goat_dist.log import get_logger, setup_logging
+
+log = get_logger(__name__)
+
+
+class PeakRSS:
+    """Peak resident set size of this process: the kernel's high-water mark (VmHWM), plus a sampler
+    thread for the peak of a phase (VmRSS maxima since ``reset``)."""
+
+    def __init__(self, interval_s: float = 0.2):
+        self.interval_s, self.phase_peak, self._stop = interval_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _status(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.phase_peak = max(self.phase_peak, self._status("VmRSS"))
+            time.sleep(self.interval_s)
+
+    def reset(self) -> None:
+        self.phase_peak = self._status("VmRSS")
+
+    def hwm(self) -> int:
+        return self._status("VmHWM")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def gaussian_f16(n: int, d: int, seed: int) -> np.ndarray:
+    """[n, d] float16 N(0, 1), generated in row blocks (float32 temporaries stay small)."""
+    out = np.empty((n, d), np.float16)
+    rng = np.random.default_rng(seed)
+    for s in range(0, n, 1 << 18):
+        e = min(n, s + (1 << 18))
+        out[s:e] = rng.standard_normal((e - s, d), dtype=np.float32)
+    return out
+
+
+def exact_topk_rows(f: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """Exact cosine top-k (self excluded) of the given rows against all rows, brute force.
+
+    **Shape:** [len(rows), k] int64 (ties at the k-th place are irrelevant for continuous data)."""
+    n = f.shape[0]
+    q = normalized_rows(f[rows], "cpu")
+    best_v = torch.full((len(rows), k), -float("inf"))
+    best_i = torch.zeros((len(rows), k), dtype=torch.int64)
+    step = 1 << 17
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        sim = q @ normalized_rows(f[s:e], "cpu", row_offset=s).T
+        own = (torch.from_numpy(rows) >= s) & (torch.from_numpy(rows) < e)
+        sim[own.nonzero().flatten(), torch.from_numpy(rows)[own] - s] = -float("inf")
+        v = torch.cat([best_v, sim], 1)
+        i = torch.cat([best_i, torch.arange(s, e).expand(len(rows), -1)], 1)
+        top = torch.topk(v, k, dim=1)
+        best_v, best_i = top.values, i.gather(1, top.indices)
+    return best_i.numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--d", type=int, default=64)
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--backend", default="ivf", choices=["exact", "faiss_flat", "ivf"])
+    ap.add_argument("--nlist", type=int, default=0, help="ivf lists (0 = round(4 sqrt(N)))")
+    ap.add_argument("--nprobe", type=int, default=8)
+    ap.add_argument("--quantizer", default="flat", choices=["flat", "hnsw"])
+    ap.add_argument("--codec", default="Flat", choices=["Flat", "SQfp16"])
+    ap.add_argument("--recall-queries", type=int, default=2000)
+    ap.add_argument("--search-only", action="store_true", help="time the top-k search, skip the graph build")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS_DIR / "knn_1m.json"))
+    args = ap.parse_args(argv)
+    setup_logging()
+    torch.set_num_threads(1)
+    rss = PeakRSS()
+    backend = resolve_backend(args.backend, args.n)
+    ivf = IVFParams(nlist=args.nlist, nprobe=args.nprobe, quantizer=args.quantizer, codec=args.codec)
+    load = os.getloadavg()
+
+    t0 = time.perf_counter()
+    f = gaussian_f16(args.n, args.d, args.seed)
+    t_gen = time.perf_counter() - t0
+    log.info("input %d x %d float16 gaussian in %.1fs", args.n, args.d, t_gen)
+
+    rss.reset()
+    t0 = time.perf_counter()
+    if backend == "exact":
+        from goat_dist.graph.knn import GROUP, topk_neighbours
+
+        x = normalized_rows(f, "cpu", pad_to=GROUP)
+        cols, _ = topk_neighbours(x, args.n, args.k)
+        del x
+    else:
+        cols, _ = faiss_topk(f, args.k, backend=backend, ivf=ivf, threads=1)
+    t_search = time.perf_counter() - t0
+    search_peak = rss.phase_peak
+    log.info("%s search: %.1fs", backend, t_search)
+
+    rng = np.random.default_rng(args.seed + 1)
+    q = np.sort(rng.choice(args.n, size=min(args.recall_queries, args.n), replace=False))
+    t0 = time.perf_counter()
+    exact = exact_topk_rows(f, q, args.k)
+    t_ref = time.perf_counter() - t0
+    found = cols[torch.from_numpy(q)].long().numpy()
+    hits = sum(len(set(a[a >= 0].tolist()) & set(b.tolist())) for a, b in zip(found, exact))
+    recall = hits / (len(q) * args.k)
+    log.info("recall@%d over %d sampled rows: %.4f (brute-force reference %.1fs)", args.k, len(q), recall, t_ref)
+    del cols
+
+    graph_s = graph_nnz = None
+    if not args.search_only:
+        rss.reset()
+        t0 = time.perf_counter()
+        g = knn_graph(f, args.k, backend=backend, ivf=ivf, device="cpu", threads=1)
+        graph_s = time.perf_counter() - t0
+        graph_nnz = g.nnz
+        del g
+    entry = {
+        "backend": backend, "n": args.n, "d": args.d, "k": args.k, "dtype": "float16", "input": "gaussian N(0,1)",
+        "ivf": ivf.key(args.n) if backend == "ivf" else None,
+        "search_seconds": round(t_search, 2), "search_ms_per_row": round(1e3 * t_search / args.n, 4),
+        "search_peak_rss_gb": round(search_peak / 2**30, 3),
+        "knn_graph_seconds": None if graph_s is None else round(graph_s, 2),
+        "knn_graph_nnz": graph_nnz,
+        "recall_at_k": round(recall, 4), "recall_queries": len(q), "recall_reference": "brute-force exact top-k",
+        "peak_rss_gb": round(rss.hwm() / 2**30, 3), "threads": 1,
+        "load_average_start": [round(v, 2) for v in load],
+        "load_average_end": [round(v, 2) for v in os.getloadavg()],
+        "command": "python -m benchmarks.bench_knn " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+    }
+    rss.stop()
+    out = Path(args.out)
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    doc["machine"] = machine_info()
+    doc.setdefault("runs", {})[f"{backend}@{args.n}"] = entry
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    log.info("wrote %s: %s", out, json.dumps(entry))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
