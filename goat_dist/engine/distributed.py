@@ -24,6 +24,19 @@ Why W ranks with per-rank batch b train exactly like one process with batch W*b:
 - Dropout masks cannot match across world sizes (per-rank RNG streams): equivalence holds with
   dropout 0; with dropout the runs are statistically, not numerically, equivalent.
 
+Checkpoints (``engine/checkpointing.py``): the tables and TorchRec's fused optimiser state are saved
+as ``ShardedTensor`` (DCP reshards them into any world size or sharding type), the dense parameters
+and their optimiser moments as FULL fp32 tensors assembled from the ZeRO partitions
+(``deepspeed.utils.safe_get_full_*``) and written back into the partitions of any world size with
+``safe_set_full_*``; RNG states under ``rng/rank{r}``.
+
+Non-finite guard: the loss parts' finiteness flags are all-gathered BEFORE backward (TorchRec's
+fused optimiser updates the tables inside backward, so this is the last point where skipping leaves
+every weight unchanged): a non-finite part on any rank skips the step on every rank, naming the rank
+and the part. Non-finite DENSE gradients are caught by DeepSpeed's overflow check (switched on here;
+all-reduced over ranks) before its optimiser step; the tables' fused update of that step has already
+happened by then (not covered: a finite loss with non-finite table gradients).
+
 Evaluation: every rank computes the full representations (the lookups go through the sharded
 tables' all-to-all), rank r scores eval batches r, r+W, ... of the single-process batching, and the
 per-batch metric sums are gathered and accumulated in the single-process order, so the metrics are
@@ -38,6 +51,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
 from goat_dist.config import Config
+from goat_dist.engine import checkpointing as ckpt
 from goat_dist.engine.trainer import Trainer
 from goat_dist.eval.metrics import METRICS, finalize, metric_sums
 from goat_dist.log import get_logger
@@ -99,8 +113,14 @@ class DistributedTrainer(Trainer):
         self.model: RecGOAT = self.dmp.module
 
         table_ids = {id(p) for coll in find_collections_sharded(self.model) for p in coll.parameters()}
+        self._dense_named = [(n, p) for n, p in self.model.named_parameters()
+                             if id(p) not in table_ids and p.requires_grad]
         dense = [p for p in self.model.parameters() if id(p) not in table_ids]
         self.engine = dense_engine(dense, cfg.train, cfg.dist, self.device, W, self.env.local_rank)
+        if self.engine is not None and hasattr(self.engine.optimizer, "check_grad_overflow"):
+            # fp32 ZeRO does not look for inf/NaN gradients by default; with the check on, a
+            # non-finite dense gradient on any rank skips DeepSpeed's step on every rank.
+            self.engine.optimizer.check_grad_overflow = True
         self.sparse_opt = self.dense_opt = None
         # DeepSpeed averages dense gradients over ranks: scale the loss by W to get the SUM the
         # "shares" convention needs. TorchRec's all-to-all backward averages the lookups' gradients
@@ -127,24 +147,107 @@ class DistributedTrainer(Trainer):
         return out if self.rank == 0 else fn()
 
     # ------------------------------------------------------------------------------------------
-    def train_step(self, batch) -> dict[str, torch.Tensor]:
-        """One step on this rank's slice of the global batch; returns the global loss parts."""
+    def train_step(self, batch) -> dict[str, torch.Tensor] | None:
+        """One step on this rank's slice of the global batch; returns the global loss parts, or None
+        when the step was skipped on every rank (non-finite loss part or dense gradient anywhere)."""
         self.model.train()
         batch = batch.to(self.device)
         W = self.world_size
+        buffers = self._snapshot_buffers()
         out = self.model(batch, self.item_features, self.user_features, degrees=self.degrees,
                          reduce_stats=dist_fn.all_reduce if W > 1 else None)
         total, parts = self.model.compute_loss(out, batch, self.cfg.loss, self.rank, W)
+        if self._nonfinite("loss", parts):  # before backward: the fused table optimiser runs in it
+            self._restore_buffers(buffers)
+            return None
         scaled = total * self._loss_scale if self._loss_scale != 1.0 else total
         if self.engine is not None:
             self.engine.backward(scaled)
             self.engine.step()
+            if getattr(self.engine.optimizer, "overflow", False):
+                self._restore_buffers(buffers)
+                self._skip_step("dense gradient", "after the gradient all-reduce: rank unknown; the tables' fused "
+                                "update of this step has been applied")
+                return None
             if self.cfg.train.grad_clip > 0:
                 norm = self.engine.get_global_grad_norm()
                 parts["grad_norm"] = torch.as_tensor(float(norm) if norm is not None else 0.0)
         else:
             scaled.backward()
         return parts
+
+    def _nonfinite_flags(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[world_size, len(values)] bool: every rank's flags (one all-gather)."""
+        local = super()._nonfinite_flags(values).to(torch.uint8)
+        if self.world_size == 1:
+            return local.bool()
+        out = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(out, local)
+        return torch.cat(out).bool()
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def _checkpoint_layout(self) -> dict:
+        return {"trainer": type(self).__name__, "world_size": self.world_size, "sharding": self.cfg.dist.sharding,
+                "sparse_opt": ckpt.fused_shapes(ckpt.fused_state(self.dmp)),
+                "dense_keys": ckpt.dense_state_keys(self.engine) if self.engine is not None else []}
+
+    def _training_state(self, layout: dict | None = None) -> dict:
+        """The checkpoint state dict (see ``Trainer._training_state``); tables and fused optimiser
+        state sharded, dense state full, RNG under this rank's key."""
+        import copy
+
+        model = self.model.state_dict()
+        fused = ckpt.fused_state(self.dmp)
+        if self.engine is not None:
+            ckpt.ensure_dense_state(self.engine)
+        sd = {"model": model, **self.state_dict()}
+        if layout is None:  # save
+            sd["best_model"] = self._best_model_state if self._best_model_state is not None else model
+            sd["optim"] = {"sparse": fused}
+            if self.engine is not None:
+                sd["optim"]["dense"] = ckpt.get_dense_state(self.engine, self._dense_named)
+            sd[f"rng/rank{self.rank}"] = ckpt.rng_state()
+            return sd
+        # load: fresh targets where the live tensors are not the place to load into
+        sd["best_model"] = copy.deepcopy(model)
+        saved_shapes, sparse, self._rowwise_convert = layout.get("sparse_opt", {}), {}, {}
+        for pk, states in fused.items():
+            sparse[pk] = {}
+            for sk, st in states.items():
+                shape = saved_shapes.get(f"{pk}/{sk}")
+                if shape is None:
+                    raise ValueError(f"the checkpoint has no fused optimiser state {pk}/{sk} (train.optimizer "
+                                     "changed?)")
+                if list(st.size()) == list(shape):
+                    sparse[pk][sk] = st
+                else:  # row-wise state of another column-shard count: read in full, convert after the load
+                    sparse[pk][sk] = torch.empty(shape, dtype=torch.float32)
+                    self._rowwise_convert[(pk, sk)] = (st, int(model[pk].size(0)))
+        sd["optim"] = {"sparse": sparse}
+        if self.engine is not None:
+            sd["optim"]["dense"] = ckpt.dense_state_target(self._dense_named, layout.get("dense_keys", []))
+        if self.rank < int(layout.get("world_size", 1)):
+            sd[f"rng/rank{self.rank}"] = ckpt.rng_state()
+        return sd
+
+    def _apply_loaded(self, sd: dict, layout: dict) -> None:
+        for (pk, sk), (target, rows) in self._rowwise_convert.items():
+            saved = sd["optim"]["sparse"][pk][sk]
+            ckpt.write_rowwise_canonical(target, saved, rows)
+            if self.rank == 0:
+                log.warning("fused optimiser state %s/%s: saved for %d column shard(s), this plan has %d: seeded "
+                            "with the per-row mean of the saved accumulators (row-wise Adagrad has no exact "
+                            "mapping between column-shard counts)", pk, sk, saved.numel() // rows,
+                            target.size(0) // rows)
+        if self.engine is not None:
+            ckpt.set_dense_state(self.engine, self._dense_named, sd["optim"]["dense"])
+        saved_w = int(layout.get("world_size", self.world_size))
+        if saved_w != self.world_size:
+            if self.rank == 0:
+                log.warning("checkpoint written by %d rank(s), resumed on %d: ranks >= %d start fresh RNG streams",
+                            saved_w, self.world_size, saved_w)
+            if self.rank >= saved_w:
+                ckpt.seed_fresh_rng(self.cfg.train.seed + 7919 * (self.rank + 1) + self.state.step)
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()

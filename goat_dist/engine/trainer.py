@@ -5,11 +5,26 @@ Reads top to bottom: ``build`` (data -> graphs -> sampler -> model -> optimisers
 selection and early stopping on the VALIDATION split, then one test evaluation of the selected
 model). The trainer is Stateful (``state_dict``/``load_state_dict``) so that its counters travel
 with checkpoints. It contains no model maths: that lives in ``model/``, ``ot/`` and ``losses/``.
+
+Checkpoints (``checkpoint.*``): the whole training state (``engine/checkpointing.py`` lists it) is
+saved every ``checkpoint.every_steps`` steps and when training ends, into a ``CheckpointStore`` under
+``checkpoint.dir`` (default ``<run_dir>/checkpoints``), keeping the newest ``checkpoint.keep``.
+``resume("latest" | URL)`` before ``fit`` continues a run exactly where the checkpoint was taken
+(same later losses and parameters as a run never interrupted). ``add_checkpoint_listener(fn)``:
+``fn(url, step, metrics)`` after every complete save, on every rank.
+
+Non-finite guard: a step whose loss (any part) is not finite is skipped BEFORE backward, so no
+optimiser runs (the OAT moving averages the forward updated are put back); a step whose gradients
+are not finite is skipped before the optimisers run. Every rank skips the same steps (the flags are
+all-reduced in the distributed trainer). The run fails after ``train.max_nonfinite_steps`` such steps.
 """
 from __future__ import annotations
 
 import copy
+import json
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +34,7 @@ import torch
 from goat_dist.config import Config, DataConfig, save_config, to_dict
 from goat_dist.data import RecDataset, load_dataset
 from goat_dist.data.fsio import exists
+from goat_dist.engine import checkpointing as ckpt
 from goat_dist.engine.optim import dense_optimizer, sparse_optimizer
 from goat_dist.engine.run_logger import RunLogger
 from goat_dist.eval.metrics import finalize, metric_sums
@@ -52,6 +68,11 @@ class TrainState:
     best_metric: float = -float("inf")
     best_epoch: int = -1
     evals_without_improvement: int = 0
+    nonfinite_steps: int = 0
+
+
+class NonFiniteError(RuntimeError):
+    """Too many training steps had a non-finite loss or gradient (``train.max_nonfinite_steps``)."""
 
 
 class Trainer:
@@ -62,8 +83,14 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.state = TrainState()
-        self.logger = RunLogger(self.run_dir, enabled=rank == 0, tensorboard=cfg.log.tensorboard)
+        self._logger: RunLogger | None = None  # opened at first use: a resumed run appends to its log
+        self._log_events: list[dict] = []
         self._best_model_state: dict[str, torch.Tensor] | None = None
+        self._listeners: list[Callable[[str, int, dict], None]] = []
+        self._store = None
+        self._resume_loader: dict | None = None
+        self._last_saved_step = -1
+        self._last_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------
     def build(self) -> "Trainer":
@@ -91,9 +118,6 @@ class Trainer:
         full-graph degrees the model reads. Shared by every trainer; ``shard`` is the
         ``TripleSampler`` sharding of the interactions over ranks."""
         cfg, mcfg = self.cfg, self.cfg.model
-        if cfg.checkpoint.every_steps > 0 or cfg.checkpoint.dir:
-            log.warning("checkpoint.every_steps=%d / checkpoint.dir=%r are set, but checkpointing is not built "
-                        "yet: this run writes NO checkpoints", cfg.checkpoint.every_steps, cfg.checkpoint.dir)
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
         t0 = time.perf_counter()
@@ -117,6 +141,9 @@ class Trainer:
             backend=cfg.sampling.backend)
         self.loader = make_loader(self.sampler, num_workers=cfg.sampling.num_workers,
                                   prefetch_factor=cfg.sampling.prefetch_factor)
+        # DataLoader draws a worker base seed from the GLOBAL torch RNG at every iter(); a private
+        # generator keeps the dropout stream independent of when epochs (or a resumed epoch) start.
+        self.loader.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.item_features = {m: ds.item_features[m] for m in self.modalities}
         self.user_features = ds.user_features[self.user_feature_name] if self.user_feature_name else None
         self.degrees = {"user": ui.user_degree.to(self.device), "item": ui.item_degree.to(self.device)}
@@ -134,17 +161,30 @@ class Trainer:
         return materialize_(model, device, seed=self.cfg.train.seed)
 
     # ------------------------------------------------------------------------------------------
-    def train_step(self, batch) -> dict[str, torch.Tensor]:
+    def train_step(self, batch) -> dict[str, torch.Tensor] | None:
         """Forward, loss, backward and optimiser step on one mini-batch; returns the loss parts
-        (detached 0-dim tensors)."""
+        (detached 0-dim tensors), or None when the step was skipped (non-finite loss or gradient:
+        parameters, optimiser state and buffers unchanged)."""
         self.model.train()
         batch = batch.to(self.device)
+        buffers = self._snapshot_buffers()
         out = self.model(batch, self.item_features, self.user_features, degrees=self.degrees)
         total, parts = self.model.compute_loss(out, batch, self.cfg.loss)
+        if self._nonfinite("loss", parts):
+            self._restore_buffers(buffers)
+            return None
         self.sparse_opt.zero_grad(set_to_none=True)
         if self.dense_opt is not None:
             self.dense_opt.zero_grad(set_to_none=True)
         total.backward()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
+        if gnorm is not None and self._nonfinite("gradient", {"grad_norm": gnorm}):
+            self.sparse_opt.zero_grad(set_to_none=True)
+            if self.dense_opt is not None:
+                self.dense_opt.zero_grad(set_to_none=True)
+            self._restore_buffers(buffers)
+            return None
         if self.cfg.train.grad_clip > 0:
             parts["grad_norm"] = (torch.nn.utils.clip_grad_norm_(
                 [p for g in (self.dense_opt.param_groups if self.dense_opt else []) for p in g["params"]],
@@ -153,6 +193,46 @@ class Trainer:
         if self.dense_opt is not None:
             self.dense_opt.step()
         return parts
+
+    # ---- non-finite guard ----------------------------------------------------------------------
+    def _snapshot_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of the buffers the forward may update (the OAT moving averages)."""
+        return [(b, b.detach().clone()) for b in self.model.buffers() if not hasattr(b, "local_shards")]
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore_buffers(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for buf, saved in snapshot:
+            buf.copy_(saved)
+
+    def _nonfinite_flags(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[world_size, len(values)] bool: which value is not finite on which rank (one process here;
+        the distributed trainer all-gathers)."""
+        return torch.stack([~torch.isfinite(v.detach().float()).all() for v in values.values()]).unsqueeze(0)
+
+    def _nonfinite(self, what: str, values: dict[str, torch.Tensor]) -> bool:
+        """True when any of ``values`` is not finite on any rank: logs which rank and which part,
+        counts the skipped step and raises :class:`NonFiniteError` at ``train.max_nonfinite_steps``."""
+        flags = self._nonfinite_flags(values)
+        if not bool(flags.any()):
+            return False
+        names = list(values)
+        self._skip_step(what, "; ".join(f"rank {r}: {', '.join(names[j] for j in range(len(names)) if flags[r, j])}"
+                                        for r in range(flags.shape[0]) if flags[r].any()))
+        return True
+
+    def _skip_step(self, what: str, where: str) -> None:
+        """Count and log a skipped step; raise :class:`NonFiniteError` at the limit."""
+        st = self.state
+        st.nonfinite_steps += 1
+        limit = max(1, self.cfg.train.max_nonfinite_steps)
+        (log.warning if self.rank == 0 else log.debug)("step %d: non-finite %s (%s): step skipped on every rank, weights unchanged (%d of at most %d)",
+                    st.step + 1, what, where, st.nonfinite_steps, limit)
+        if st.nonfinite_steps >= limit:
+            raise NonFiniteError(f"{st.nonfinite_steps} training steps had a non-finite {what} (last at step "
+                                 f"{st.step + 1}: {where}); train.max_nonfinite_steps="
+                                 f"{self.cfg.train.max_nonfinite_steps}. Check the inputs for NaN/Inf and lower the "
+                                 "learning rates")
 
     # ------------------------------------------------------------------------------------------
     def _split_csr(self, split: str) -> CSR | None:
@@ -199,15 +279,22 @@ class Trainer:
             log.warning("no valid split: model selection falls back to the LAST epoch (no test-set selection)")
         stop = False
         t_start = time.perf_counter()
+        every = cfg.checkpoint.every_steps
         while st.epoch < cfg.train.epochs and not stop:
-            self.loader.set_epoch(st.epoch)
+            resumed, self._resume_loader = self._resume_loader, None
+            if resumed is not None and resumed["epoch"] == st.epoch:
+                self.loader.load_state_dict(resumed)  # continue the interrupted epoch at its next batch
+            else:
+                self.loader.set_epoch(st.epoch)
             bar = progress(self.loader, total=len(self.loader), desc=f"epoch {st.epoch}", unit="batch")
             t_last, n_last = time.perf_counter(), 0
             for batch in bar:
                 parts = self.train_step(batch)
                 st.step += 1
                 n_last += batch.users.numel()
-                if st.step % cfg.log.every_steps == 0:
+                if parts is None:  # skipped: non-finite loss or gradient (logged by the guard)
+                    pass
+                elif st.step % cfg.log.every_steps == 0 or (every > 0 and st.step % every == 0):
                     # parts are 0-dim tensors: converting only here keeps the other steps free of syncs
                     parts = {k: float(v) for k, v in parts.items()}
                     dt = time.perf_counter() - t_last
@@ -217,6 +304,9 @@ class Trainer:
                                     triples_per_s=rate)
                     bar.set_postfix(loss=f"{parts['loss']:.4f}", tps=f"{rate:,.0f}")
                     t_last, n_last = time.perf_counter(), 0
+                    self._last_metrics.update({k if k == "loss" else f"loss_{k}": v for k, v in parts.items()})
+                if every > 0 and st.step % every == 0:
+                    self.save_checkpoint()
                 if cfg.train.max_steps and st.step >= cfg.train.max_steps:
                     stop = True
                     break
@@ -225,6 +315,8 @@ class Trainer:
                 stop = self._validate() or stop
             st.epoch += 1
         train_seconds = time.perf_counter() - t_start
+        if cfg.checkpoint.at_end and st.step != self._last_saved_step:
+            self.save_checkpoint()
 
         if self._best_model_state is not None:
             self.model.load_state_dict(self._best_model_state)
@@ -252,6 +344,7 @@ class Trainer:
         if metric not in valid:
             raise KeyError(f"eval.metric {metric!r} is not computed (have: {', '.join(sorted(valid))})")
         self.logger.log("valid", st.step, epoch=st.epoch, **valid)
+        self._last_metrics.update({f"valid_{k}": v for k, v in valid.items()})
         log.info("epoch %d valid %s=%.4f", st.epoch, metric, valid[metric])
         if valid[metric] > st.best_metric:
             st.best_metric, st.best_epoch, self._best_valid = valid[metric], st.epoch, valid
@@ -267,17 +360,188 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"trainer": dict(step=self.state.step, epoch=self.state.epoch, best_metric=self.state.best_metric,
-                                best_epoch=self.state.best_epoch,
-                                evals_without_improvement=self.state.evals_without_improvement),
-                "sampler": self.sampler.state_dict(), "config": to_dict(self.cfg)}
+        """Counters, loader position and valid metrics of the best epoch (plain values)."""
+        st = self.state
+        return {"trainer": dict(step=st.step, epoch=st.epoch, best_metric=st.best_metric, best_epoch=st.best_epoch,
+                                evals_without_improvement=st.evals_without_improvement,
+                                nonfinite_steps=st.nonfinite_steps,
+                                has_best_model=self._best_model_state is not None,
+                                best_valid=dict(self._best_valid) if self._best_valid else None),
+                "loader": {**self.loader.state_dict(), "global_batch": self._global_batch()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = TrainState(**state["trainer"])
-        self.sampler.load_state_dict(state["sampler"])
+        t = dict(state["trainer"])
+        self._best_valid = t.pop("best_valid", None)
+        t.pop("has_best_model", None)
+        self.state = TrainState(**t)
+        self._resume_loader = self._loader_position(state["loader"])
+
+    def _global_batch(self) -> int:
+        """Triples per step over all ranks (what one loader position stands for)."""
+        return self.triples.global_batch_size
+
+    def _loader_position(self, saved: dict) -> dict:
+        """The loader state to resume from: the saved one, or (global batch size changed with the world
+        size) the batch covering the same number of triples of the epoch."""
+        gb = self._global_batch()
+        saved_gb = int(saved.get("global_batch", gb))
+        pos = int(saved["position"])
+        if saved_gb != gb:
+            pos = (pos * saved_gb) // gb
+            log.warning("global batch %d in the checkpoint, %d now (world size changed): resuming epoch %d at batch "
+                        "%d; the data order from here differs from the original run", saved_gb, gb,
+                        int(saved["epoch"]), pos)
+        return {"epoch": int(saved["epoch"]), "position": pos}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def add_checkpoint_listener(self, fn: Callable[[str, int, dict], None]) -> None:
+        """Call ``fn(url, step, metrics)`` on every rank after every complete checkpoint save
+        (``metrics``: the latest logged loss parts and valid metrics, floats)."""
+        self._listeners.append(fn)
+
+    @property
+    def checkpoint_root(self) -> str:
+        return self.cfg.checkpoint.dir or str(self.run_dir / "checkpoints")
+
+    @property
+    def store(self):
+        if self._store is None:
+            from goat_dist.checkpoint import CheckpointStore
+
+            self._store = CheckpointStore(self.checkpoint_root, keep=self.cfg.checkpoint.keep)
+        return self._store
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def _training_state(self, layout: dict | None = None) -> dict[str, Any]:
+        """The nested state dict a checkpoint holds (see ``engine/checkpointing.py``). ``layout`` None:
+        this trainer's live state, to save; else the layout of a checkpoint to load into (tensors are
+        the live ones where loading in place restores them, fresh ones elsewhere)."""
+        for opt in (self.sparse_opt, self.dense_opt):
+            if opt is not None:
+                ckpt.init_optimizer_state(opt)
+        model = self._model_state()
+        best = self._best_model_state if (layout is None and self._best_model_state is not None) else model
+        if layout is not None:
+            best = copy.deepcopy(model)
+        sd: dict[str, Any] = {
+            "model": model, "best_model": best,
+            "optim": {"sparse": self.sparse_opt.state_dict(),
+                      **({"dense": self.dense_opt.state_dict()} if self.dense_opt is not None else {})},
+            **self.state_dict(), f"rng/rank{self.rank}": ckpt.rng_state()}
+        return sd
+
+    def _apply_loaded(self, sd: dict[str, Any], layout: dict) -> None:
+        """After an in-place load: what does not live in the tensors the load wrote into."""
+        self.sparse_opt.load_state_dict(sd["optim"]["sparse"])
+        if self.dense_opt is not None:
+            self.dense_opt.load_state_dict(sd["optim"]["dense"])
+
+    def _checkpoint_layout(self) -> dict:
+        return {"trainer": type(self).__name__, "world_size": self.world_size}
+
+    def save_checkpoint(self) -> str:
+        """Save the whole training state now (collective over all ranks); returns the URL and calls
+        the checkpoint listeners."""
+        st = self.state
+        extra = {"config": to_dict(self.cfg), "layout": self._checkpoint_layout(),
+                 "trainer": {"class": type(self).__name__, "step": st.step, "epoch": st.epoch,
+                             "best_epoch": st.best_epoch, "has_best_model": self._best_model_state is not None},
+                 "metrics": {k: v for k, v in self._last_metrics.items() if math.isfinite(v)}}
+        url = self.store.save(st.step, self._training_state(), extra=extra)
+        self._last_saved_step = st.step
+        for fn in self._listeners:
+            fn(url, st.step, dict(extra["metrics"]))
+        return url
+
+    def _select_checkpoint(self, spec: str):
+        """(store, url, extra) of ``spec`` ("latest" under ``checkpoint.dir``, or a checkpoint URL,
+        loaded through a store rooted at its parent); url None when "latest" finds none."""
+        if spec == "latest":
+            store, url = self.store, self.store.latest()
+        else:
+            from goat_dist.checkpoint import CheckpointStore
+
+            parent = spec.rstrip("/").rsplit("/", 1)[0] if "/" in spec.rstrip("/") else "."
+            store, url = CheckpointStore(parent, keep=0), spec.rstrip("/")
+        return store, url, (ckpt.read_extra(url) if url is not None else None)
+
+    def resume(self, spec: str) -> bool:
+        """Load the training state of checkpoint ``spec`` (``"latest"``: the newest complete one under
+        ``checkpoint.dir``; or a checkpoint URL) before ``fit``. Returns False when ``"latest"``
+        finds none. A config that differs from the checkpoint's in anything but
+        :data:`~goat_dist.engine.checkpointing.ALLOWED_RESUME_CHANGES` is a ``ConfigError`` naming
+        the keys."""
+        from goat_dist.checkpoint import CheckpointError
+        from goat_dist.config import ConfigError
+
+        try:
+            store, url, extra = self._select_checkpoint(spec)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {spec!r}: cannot read its extra.json: {exc}") from exc
+        if url is None:
+            log.info("resume latest: no complete checkpoint under %s; starting from scratch", self.checkpoint_root)
+            return False
+        diff = ckpt.config_differences(extra.get("config", {}), to_dict(self.cfg))
+        if diff:
+            raise ConfigError(f"cannot resume from {url}: the config differs in {len(diff)} key(s) that change "
+                              f"training: {'; '.join(diff)} (only these may change: "
+                              f"{', '.join(ckpt.ALLOWED_RESUME_CHANGES)})")
+        layout = extra.get("layout", {})
+        if layout.get("trainer", type(self).__name__) != type(self).__name__:
+            raise CheckpointError(f"checkpoint {url} was written by {layout.get('trainer')}; this is "
+                                  f"{type(self).__name__} (resume single-process runs with `goat train`, "
+                                  f"distributed ones with --nproc / torchrun)")
+        sd = self._training_state(layout)
+        store.load(url, sd)
+        self.load_state_dict(sd)
+        self._best_model_state = sd["best_model"] if sd["trainer"]["has_best_model"] else None
+        self._apply_loaded(sd, layout)
+        key = f"rng/rank{self.rank}"
+        if key in sd:
+            ckpt.set_rng_state(sd[key])
+        self._last_saved_step = self.state.step
+        self._reopen_run_log(self.state.step)
+        log.info("resumed from %s: step %d, epoch %d (batch %d of it)", url, self.state.step, self.state.epoch,
+                 self._resume_loader["position"] if self._resume_loader else 0)
+        return True
+
+    @property
+    def logger(self) -> RunLogger:
+        """The run directory's logger (rank 0 writes), opened at first use: appending to the kept
+        events after a resume, starting ``metrics.jsonl`` afresh otherwise."""
+        if self._logger is None:
+            self._logger = RunLogger(self.run_dir, enabled=self.rank == 0, tensorboard=self.cfg.log.tensorboard,
+                                     append=bool(self._log_events))
+            if self._logger.enabled:
+                self._logger._events.extend(self._log_events)  # the plots cover the whole run
+        return self._logger
+
+    def _reopen_run_log(self, step: int) -> None:
+        """Continue ``metrics.jsonl``: keep the events up to the checkpoint's step (later ones are
+        logged again by the resumed run), append from there."""
+        if self.rank != 0:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        if self._logger is not None:
+            self._logger.close()
+            self._logger = None
+        kept = []
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by the kill
+                    continue
+                if event.get("step", 0) <= step and event.get("event") != "test":
+                    kept.append(event)
+            path.write_text("".join(json.dumps(e, default=float) + "\n" for e in kept), encoding="utf-8")
+        self._log_events = kept or [{"event": "resume", "step": step}]
 
     def close(self) -> None:
-        self.logger.close()
+        if self._logger is not None:
+            self._logger.close()
 
 
 def train_main(cfg: Config, run_dir: str | Path | None = None) -> int:

@@ -91,12 +91,3 @@ def test_reused_run_directory_starts_a_fresh_metrics_log(tmp_path):
     logger.log("train", 2, loss=3.0)
     logger.close()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
-
-
-def test_checkpoint_keys_warn_until_checkpointing_exists(tmp_path, caplog):
-    import logging
-
-    cfg = tiny_cfg(tmp_path, "checkpoint.every_steps=5", "train.max_steps=1")
-    with caplog.at_level(logging.WARNING, logger="goat_dist"):
-        Trainer(cfg, tmp_path / "r").build().close()
-    assert "writes NO checkpoints" in caplog.text
