@@ -104,6 +104,18 @@ def _hmac(key: bytes, manifest: dict) -> str:
     return hmac.new(key, _body_bytes(manifest), hashlib.sha256).hexdigest()
 
 
+def _assign(files: list[tuple[str, int]], world: int) -> list[list[str]]:
+    """Deterministic, size-balanced split of ``(path, size)`` over ``world`` ranks: largest file first,
+    each to the rank with the fewest bytes so far (ties: lowest rank)."""
+    shares: list[list[str]] = [[] for _ in range(world)]
+    load = [0] * world
+    for rel, size in sorted(files, key=lambda f: (-f[1], f[0])):
+        r = min(range(world), key=lambda i: (load[i], i))
+        shares[r].append(rel)
+        load[r] += size
+    return shares
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict:
     """Package version, git commit (None outside a checkout) and torch version, for the manifest."""
@@ -262,6 +274,7 @@ class CheckpointStore:
         self._local = split_url(self.root)[0] == ""
         self.fs, self._fs_root = fsspec.core.url_to_fs(self.root)
         self._warned_unkeyed = False
+        self._verified: dict[str, tuple] = {}  # name -> file signature at its last deep verification
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.root!r}, keep={self.keep}, hmac={'on' if self._key else 'off'})"
@@ -270,6 +283,9 @@ class CheckpointStore:
 
     def _fs_path(self, name: str) -> str:
         return os.path.join(self._fs_root, name) if self._local else posixpath.join(self._fs_root, name)
+
+    def _manifest_path(self, name: str) -> str:
+        return os.path.join(self._fs_path(name), MANIFEST) if self._local else self._fs_path(f"{name}/{MANIFEST}")
 
     def _name_of(self, url: str) -> str:
         """The checkpoint directory name of ``url`` (a URL under the root, or a bare name)."""
@@ -377,6 +393,14 @@ class CheckpointStore:
         return h.hexdigest()
 
     def _verify(self, name: str, *, deep: bool) -> dict:
+        """Check checkpoint ``name`` in this process; ``deep``: also every sha256. Returns the manifest."""
+        manifest = self._verify_files(name)
+        if deep:
+            self._check_hashes(name, manifest, {e["path"]: self._sha256(name, e["path"]) for e in manifest["files"]})
+        return manifest
+
+    def _verify_files(self, name: str) -> dict:
+        """The cheap checks: manifest (format, name, HMAC), exact file set, sizes."""
         url = join_url(self.root, name)
         manifest = self._read_manifest(name)
         listed = {e["path"]: e for e in manifest["files"]}
@@ -391,18 +415,74 @@ class CheckpointStore:
             if present[rel] != entry["size"]:
                 raise CheckpointError(f"checkpoint {url}: {rel} has {present[rel]} bytes, the manifest says "
                                       f"{entry['size']}")
-        if deep:
-            for rel, entry in listed.items():
-                digest = self._sha256(name, rel)
-                if not hmac.compare_digest(digest, entry["sha256"]):
-                    raise CheckpointError(f"checkpoint {url}: {rel} sha256 {digest} does not match the manifest "
-                                          f"({entry['sha256']})")
         return manifest
 
+    def _check_hashes(self, name: str, manifest: dict, digests: dict[str, str]) -> None:
+        url = join_url(self.root, name)
+        for entry in manifest["files"]:
+            digest = digests.get(entry["path"])
+            if digest is None or not hmac.compare_digest(digest, entry["sha256"]):
+                raise CheckpointError(f"checkpoint {url}: {entry['path']} sha256 {digest} does not match the "
+                                      f"manifest ({entry['sha256']})")
+
+    def _signature(self, name: str) -> tuple | None:
+        """For local checkpoints: (path, inode, size, mtime, ctime) of every file including the manifest.
+        Any write, replacement or rename changes it (ctime cannot be set back from user space), so a
+        deep verification can be reused while the signature is unchanged. None for remote storage
+        (always re-hashed)."""
+        if not self._local:
+            return None
+        base = self._fs_path(name)
+        sig = []
+        for dirpath, _, filenames in os.walk(base):
+            for fn in filenames:
+                st = os.stat(os.path.join(dirpath, fn))
+                sig.append((os.path.relpath(os.path.join(dirpath, fn), base), st.st_ino, st.st_size,
+                            st.st_mtime_ns, st.st_ctime_ns))
+        return tuple(sorted(sig))
+
+    def _deep_plan(self, name: str) -> tuple[dict, list[tuple[str, int]] | None, tuple | None]:
+        """(manifest, files still to hash or None when an unchanged earlier deep verification of this
+        process covers them, signature). Raises CheckpointError on the cheap checks."""
+        manifest = self._verify_files(name)
+        sig = self._signature(name)
+        if sig is not None and self._verified.get(name) == sig:
+            return manifest, None, sig
+        return manifest, [(e["path"], e["size"]) for e in manifest["files"]], sig
+
+    def _hash_share(self, name: str, rels: list[str]) -> dict[str, str] | str:
+        out = {}
+        for rel in rels:
+            try:
+                out[rel] = self._sha256(name, rel)
+            except OSError as e:
+                return f"checkpoint {join_url(self.root, name)}: cannot read {rel}: {e}"
+        return out
+
+    def _collective_hashes(self, name: str, files: list[tuple[str, int]], process_group) -> dict[str, str] | str:
+        """COLLECTIVE: every rank hashes a size-balanced share of ``files`` (known on every rank);
+        group rank 0 gets ``{path: sha256}`` or the first error message (other ranks: ``{}``)."""
+        on = _dist_on()
+        world = dist.get_world_size(process_group) if on else 1
+        rank = dist.get_rank(process_group) if on else 0
+        mine = self._hash_share(name, _assign(files, world)[rank])
+        if not on:
+            return mine
+        gathered: list[Any] | None = [None] * world if rank == 0 else None
+        dist.gather_object(mine, gathered, group=process_group, group_dst=0)
+        if rank != 0:
+            return {}
+        merged: dict[str, str] = {}
+        for part in gathered:
+            if isinstance(part, str):
+                return part
+            merged.update(part)
+        return merged
+
     def verify(self, url: str) -> dict:
-        """Verify checkpoint ``url`` completely: manifest format and name, HMAC (when a key is set), the
-        exact file set, every file's size and sha256. Returns the manifest; raises
-        :class:`CheckpointError` naming the URL and the first defect."""
+        """Verify checkpoint ``url`` completely in this process, reading every byte: manifest format
+        and name, HMAC (when a key is set), the exact file set, every file's size and sha256. Returns
+        the manifest; raises :class:`CheckpointError` naming the URL and the first defect."""
         return self._verify(self._name_of(url), deep=True)
 
     def list_complete(self, *, deep: bool = False) -> list[str]:
@@ -422,12 +502,21 @@ class CheckpointStore:
         return out
 
     def latest(self, *, deep: bool = True) -> str | None:
-        """The newest checkpoint that verifies completely (sha256 of every file: the one
-        ``load("latest")`` would load), or None. ``deep=False``: the newest complete one by the cheap
-        check of :meth:`list_complete`."""
+        """The newest checkpoint that verifies completely (the one ``load("latest")`` would load), or
+        None. Not collective: this process reads every byte (once; an unchanged local checkpoint is
+        not re-hashed by the same store). ``deep=False``: the newest that passes the cheap checks of
+        :meth:`list_complete`. Under torch.distributed, :meth:`select` does the same with the hashing
+        spread over the ranks."""
         for _, name in reversed(self._entries()):
             try:
-                self._verify(name, deep=deep)
+                if deep:
+                    manifest, files, sig = self._deep_plan(name)
+                    if files is not None:
+                        self._check_hashes(name, manifest, {rel: self._sha256(name, rel) for rel, _ in files})
+                        if sig is not None:
+                            self._verified[name] = sig
+                else:
+                    self._verify_files(name)
             except (CheckpointError, OSError):
                 continue
             return join_url(self.root, name)
@@ -495,7 +584,8 @@ class CheckpointStore:
         Every rank passes its own ``state_dict`` (tensors, ShardedTensor/DTensor, nested dicts, plain
         values). Order: rank 0 creates a fresh ``step-<step>`` directory (``step-<step>.<k>`` if the
         name is taken) and writes ``extra.json``; DCP writes every rank's data and ``.metadata``;
-        barrier; rank 0 hashes every file and writes ``MANIFEST.json`` atomically; barrier; rank 0
+        barrier; every rank hashes a size-balanced share of the files; rank 0 writes ``MANIFEST.json``
+        atomically; barrier; rank 0
         prunes to the newest ``keep`` complete checkpoints and removes incomplete directories older
         than the new one. Returns the checkpoint URL (the same on every rank).
         """
@@ -538,11 +628,25 @@ class CheckpointStore:
         if on:
             dist.barrier(group=process_group)
 
-        # 3. rank 0: the manifest, written last and atomically.
-        error = None
+        # 3. every rank hashes a share of the files; rank 0 writes the manifest last, atomically.
+        listing = None
         if rank == 0:
             try:
                 files = self._list_files(name)
+                tmp = sorted(r for r in files if r.endswith(".tmp"))
+                listing = (sorted(files.items()), None if not tmp else
+                           f"checkpoint {url}: temporary files left by the writer: {tmp}")
+            except OSError as e:
+                listing = ([], f"checkpoint {url}: cannot list the written files: {e}")
+        listing, error = _broadcast(listing, process_group)
+        if error is not None:
+            raise CheckpointError(error)
+        digests = self._collective_hashes(name, listing, process_group)
+        error = None
+        if rank == 0:
+            try:
+                if isinstance(digests, str):
+                    raise CheckpointError(digests)
                 manifest = {
                     "format": MANIFEST_FORMAT,
                     "name": name,
@@ -551,12 +655,8 @@ class CheckpointStore:
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
                     "created_unix": time.time(),
                     "code_version": code_version(),
-                    "files": [{"path": rel, "size": size, "sha256": self._sha256(name, rel)}
-                              for rel, size in sorted(files.items()) if not rel.endswith(".tmp")],
+                    "files": [{"path": rel, "size": size, "sha256": digests[rel]} for rel, size in listing],
                 }
-                if any(rel.endswith(".tmp") for rel in files):
-                    raise CheckpointError(f"checkpoint {url}: temporary files left by the writer: "
-                                          f"{sorted(r for r in files if r.endswith('.tmp'))}")
                 manifest["hmac_sha256"] = _hmac(self._key, manifest) if self._key is not None else None
                 self._write_atomic(name, MANIFEST, json.dumps(manifest, sort_keys=True, indent=1).encode("utf-8"))
             except (CheckpointError, OSError) as e:
@@ -571,7 +671,7 @@ class CheckpointStore:
                 self.prune()
             except OSError as e:  # a failed prune never fails a save that is already complete
                 log.warning("checkpoint root %s: pruning failed: %s", self.root, e)
-            size = sum(files.values())
+            size = sum(size for _, size in listing)
             log.info("checkpoint %s: step %d, world %d, %.1f MB, %.2f s", url, step, world, size / 1e6,
                      time.perf_counter() - t0)
         return url
@@ -588,9 +688,7 @@ class CheckpointStore:
                 self._verify(name, deep=False)
                 complete.append((order, name))
             except CheckpointError:
-                has_manifest = self.fs.exists(self._fs_path(name) + "/" + MANIFEST) if not self._local else \
-                    os.path.exists(os.path.join(self._fs_path(name), MANIFEST))
-                if has_manifest:
+                if self.fs.exists(self._manifest_path(name)):
                     log.warning("checkpoint %s: manifest present but does not verify; not pruning it",
                                 join_url(self.root, name))
                 else:
@@ -612,33 +710,87 @@ class CheckpointStore:
     def _remove(self, name: str) -> None:
         """Delete a checkpoint directory, its manifest first (so it never looks complete half-gone)."""
         base = self._fs_path(name)
-        mpath = os.path.join(base, MANIFEST) if self._local else base + "/" + MANIFEST
+        mpath = self._manifest_path(name)
         if self.fs.exists(mpath):
             self.fs.rm(mpath)
         self.fs.rm(base, recursive=True)
 
     # ---------------------------------------------------------------------------------------------- load
 
-    def _select(self, url: str | None) -> tuple[str, dict, dict]:
-        """Rank 0: the checkpoint to load, fully verified, its manifest and its extra dict."""
+    def _candidates(self, url: str | None) -> tuple[list[str], bool]:
+        """(checkpoint names to try in order, whether ``url`` named one explicitly). For "latest": the
+        directories that have a manifest, newest first (directories without one are saves that never
+        finished, not candidates)."""
         if url is None or url == "latest":
-            candidates = [name for _, name in reversed(self._entries())]
-            failures = []
-            for name in candidates:
+            names = [name for _, name in reversed(self._entries())]
+            return [n for n in names if self.fs.exists(self._manifest_path(n))], False
+        return [self._name_of(url)], True
+
+    def select(self, url: str | None = "latest", *, process_group=None) -> tuple[str, dict] | None:
+        """``(checkpoint URL, extra dict)`` of checkpoint ``url`` (None / ``"latest"``: the newest one
+        that verifies), verified completely, or None when ``"latest"`` finds no checkpoint with a
+        manifest at all. COLLECTIVE when torch.distributed is initialised: the ranks hash shares of
+        the files, group rank 0 decides, every rank gets the same answer or the same
+        :class:`CheckpointError` (an explicit URL that does not verify; or checkpoints exist but
+        none verifies). Newer checkpoints that do not verify are skipped with a warning. Reads no
+        pickle. Use it to read a checkpoint's ``extra`` (config, layout) before building the state
+        dict to :meth:`load` into; the load that follows re-uses the verification of an unchanged
+        local checkpoint instead of hashing it again."""
+        found = self._select(url, process_group)
+        return None if found is None else (join_url(self.root, found[0]), found[1])
+
+    def _select(self, url: str | None, process_group) -> tuple[str, dict] | None:
+        on = _dist_on()
+        rank = dist.get_rank(process_group) if on else 0
+        plan: tuple[list[str], bool, str | None] = ([], False, None)
+        if rank == 0:
+            try:
+                plan = (*self._candidates(url), None)
+            except (CheckpointError, OSError) as e:
+                plan = ([], True, str(e))
+        candidates, explicit, error = _broadcast(plan, process_group)
+        if error is not None:
+            raise CheckpointError(error)
+        failures: list[str] = []
+        for name in candidates:
+            step1: tuple[str, Any] = ("fail", None)
+            manifest, sig = None, None
+            if rank == 0:
                 try:
-                    manifest = self._verify(name, deep=True)
-                    extra = self._read_extra(name, manifest)
+                    manifest, files, sig = self._deep_plan(name)
+                    step1 = ("ok", files)
                 except (CheckpointError, OSError) as e:
-                    failures.append(str(e))
-                    continue
-                for reason in failures:
-                    log.warning("skipping a newer checkpoint that does not verify: %s", reason)
-                return name, manifest, extra
-            raise CheckpointError(f"checkpoint root {self.root}: no complete checkpoint to load"
-                                  + (f" ({len(failures)} refused: {'; '.join(failures)})" if failures else ""))
-        name = self._name_of(url)
-        manifest = self._verify(name, deep=True)
-        return name, manifest, self._read_extra(name, manifest)
+                    step1 = ("fail", str(e))
+            status, payload = _broadcast(step1, process_group)
+            if status == "fail":
+                failures.append(payload)
+                continue
+            digests = self._collective_hashes(name, payload, process_group) if payload is not None else None
+            verdict: tuple[dict | None, str | None] = (None, None)
+            if rank == 0:
+                try:
+                    if isinstance(digests, str):
+                        raise CheckpointError(digests)
+                    if digests is not None:
+                        self._check_hashes(name, manifest, digests)
+                        if sig is not None:
+                            self._verified[name] = sig
+                    verdict = (self._read_extra(name, manifest), None)
+                except (CheckpointError, OSError) as e:
+                    verdict = (None, str(e))
+            extra, error = _broadcast(verdict, process_group)
+            if error is not None:
+                failures.append(error)
+                continue
+            for reason in failures:
+                log.warning("skipping a newer checkpoint that does not verify: %s", reason)
+            return name, extra
+        if explicit:
+            raise CheckpointError(failures[0])
+        if not candidates:
+            return None
+        raise CheckpointError(f"checkpoint root {self.root}: no complete checkpoint verifies ({len(failures)} "
+                              f"refused: {'; '.join(failures)})")
 
     def _read_extra(self, name: str, manifest: dict) -> dict:
         entry = next((e for e in manifest["files"] if e["path"] == EXTRA), None)
@@ -662,8 +814,9 @@ class CheckpointStore:
         """Load checkpoint ``url`` (None or ``"latest"``: the newest that verifies) IN PLACE into
         ``state_dict`` (COLLECTIVE when torch.distributed is initialised). Returns its extra dict.
 
-        Rank 0 verifies the checkpoint completely before DCP reads anything and broadcasts the
-        verdict, so a refused checkpoint raises :class:`CheckpointError` on every rank. For
+        The checkpoint is verified completely before DCP reads anything (see :meth:`select`: the
+        ranks hash shares of the files, rank 0 decides and broadcasts the verdict), so a refused
+        checkpoint raises :class:`CheckpointError` on every rank. For
         ``"latest"``, newer checkpoints that do not verify are skipped with a warning. ``state_dict``
         may hold a subset of the saved keys and any sharding (resharding is DCP's); a key absent from
         the checkpoint is an error.
@@ -672,17 +825,10 @@ class CheckpointStore:
             raise CheckpointError(f"checkpoint root {self.root}: state_dict must be a dict, got "
                                   f"{type(state_dict).__name__}")
         on = _dist_on()
-        rank = dist.get_rank(process_group) if on else 0
-        verdict: tuple[str | None, dict | None, str | None] = (None, None, None)
-        if rank == 0:
-            try:
-                name, manifest, extra = self._select(url)
-                verdict = (name, extra, None)
-            except (CheckpointError, OSError) as e:
-                verdict = (None, None, str(e))
-        name, extra, error = _broadcast(verdict, process_group)
-        if error is not None:
-            raise CheckpointError(error)
+        found = self._select(url, process_group)
+        if found is None:
+            raise CheckpointError(f"checkpoint root {self.root}: no complete checkpoint to load")
+        name, extra = found
         target = join_url(self.root, name)
         t0 = time.perf_counter()
         try:

@@ -125,3 +125,31 @@ def test_refusal_is_raised_on_every_rank(tmp_path):
     (root / "step-9" / "extra.json").write_text('{"saved_by": 3}')   # same size, different bytes
     msgs = run_distributed(refused_body, 2, str(root))
     assert msgs[0] == msgs[1] and "no complete checkpoint" in msgs[0] and "extra.json" in msgs[0]
+
+
+def select_body(rank: int, world: int, root: str):
+    store = CheckpointStore(root)
+    try:
+        return store.select()
+    except CheckpointError as e:
+        return str(e)
+
+
+@pytest.mark.dist
+def test_hash_shares_cover_every_file(tmp_path):
+    """The ranks split the hashing; a corrupt file in the share of rank 1 is still caught, and
+    both ranks agree."""
+    from goat_dist.checkpoint.store import _assign
+
+    root = tmp_path / "ck"
+    url = run_distributed(save_body, 2, str(root))[0]
+    assert run_distributed(select_body, 2, str(root)) == [(url, {"saved_by": 2})] * 2
+    files = [(f["path"], f["size"]) for f in CheckpointStore(str(root)).verify(url)["files"]]
+    shares = _assign(files, 2)
+    assert sorted(shares[0] + shares[1]) == sorted(p for p, _ in files) and shares[1]
+    victim = root / "step-9" / shares[1][0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    victim.write_bytes(bytes(data))
+    msgs = run_distributed(select_body, 2, str(root))
+    assert msgs[0] == msgs[1] and f"{shares[1][0]} sha256" in msgs[0]

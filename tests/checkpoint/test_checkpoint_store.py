@@ -214,3 +214,41 @@ def test_manifest_is_json_with_every_file(tmp_path):
     assert sorted(f["path"] for f in manifest["files"]) == on_disk
     assert all(f["size"] == os.path.getsize(os.path.join(url, f["path"])) for f in manifest["files"])
     assert manifest["name"] == "step-2" and manifest["created"] and manifest["created_unix"] > 0
+
+
+def test_select_returns_verified_extra(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ck"), keep=0)
+    assert store.select() is None
+    (tmp_path / "ck" / "step-5").mkdir(parents=True)   # no manifest: not a candidate
+    assert store.select("latest") is None
+    url1 = store.save(1, {"x": torch.ones(2)}, extra={"layout": {"world_size": 1}})
+    assert store.select() == (url1, {"layout": {"world_size": 1}})
+    assert store.load(url1, {}) == {"layout": {"world_size": 1}}   # extra only, no tensors
+    (tmp_path / "ck" / "step-1" / "extra.json").write_text('{"layout": {"world_size": 9}}')
+    with pytest.raises(CheckpointError, match="no complete checkpoint verifies.*extra.json"):
+        store.select()
+    with pytest.raises(CheckpointError, match="extra.json has"):
+        store.select(url1)
+
+
+def test_deep_verification_is_reused_only_while_files_are_unchanged(tmp_path, monkeypatch):
+    store = CheckpointStore(str(tmp_path / "ck"))
+    url = store.save(1, {"x": torch.arange(100.0)})
+    hashed = []
+    real = CheckpointStore._sha256
+    monkeypatch.setattr(CheckpointStore, "_sha256", lambda self, n, rel: hashed.append(rel) or real(self, n, rel))
+    assert store.latest() == url and len(hashed) == 3
+    t = {"x": torch.zeros(100)}
+    store.load(None, t)                                  # unchanged: not hashed again
+    assert len(hashed) == 3 and torch.equal(t["x"], torch.arange(100.0))
+    assert store.verify(url) and len(hashed) == 6        # verify() always reads every byte
+    # same size, original mtime restored: the ctime still changes, so the load re-hashes and refuses
+    blob = tmp_path / "ck" / "step-1" / "__0_0.distcp"
+    st = blob.stat()
+    data = bytearray(blob.read_bytes())
+    data[-20] ^= 1
+    blob.write_bytes(bytes(data))
+    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(CheckpointError, match="__0_0.distcp sha256"):
+        store.load(url, t)
+    assert len(hashed) > 6

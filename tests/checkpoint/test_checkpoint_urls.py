@@ -72,3 +72,13 @@ def test_symlink_out_of_root_is_outside(tmp_path):
     os.symlink(tmp_path / "elsewhere", tmp_path / "ck" / "step-1")
     with pytest.raises(CheckpointError, match="outside the checkpoint root"):
         resolve_url(str(tmp_path / "ck" / "step-1"), root=str(tmp_path / "ck"))
+
+
+def test_hash_assignment_is_balanced_and_deterministic():
+    from goat_dist.checkpoint.store import _assign
+
+    files = [("a", 100), ("b", 60), ("c", 50), ("d", 10), ("e", 0)]
+    assert _assign(files, 2) == [["a", "d", "e"], ["b", "c"]]   # 110 / 110 bytes
+    assert _assign(files, 1) == [["a", "b", "c", "d", "e"]]
+    assert _assign(files[:1], 3) == [["a"], [], []]
+    assert _assign(list(reversed(files)), 2) == _assign(files, 2)
