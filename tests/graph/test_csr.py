@@ -91,3 +91,29 @@ def test_empty_graph():
 def test_from_edges_rejects_bad_ids(rows, cols, msg):
     with pytest.raises(ValueError, match=msg):
         CSR.from_edges(np.array(rows), np.array(cols), 3, 2)
+
+
+def test_from_edge_chunks_equals_from_edges():
+    """The streamed builder (chunks of any size, duplicates across chunks) against from_edges."""
+    rng = np.random.default_rng(21)
+    n_rows, n_cols, e = 60, 45, 900
+    rows = torch.from_numpy(rng.integers(0, n_rows, e))
+    cols = torch.from_numpy(rng.integers(0, n_cols, e))
+    vals = torch.from_numpy(rng.standard_normal(e).astype(np.float32))
+    ref = CSR.from_edges(rows, cols, n_rows, n_cols, vals)
+    for step in (1, 7, 1000):
+        def chunks(step=step):
+            for s in range(0, e, step):
+                yield rows[s:s + step], cols[s:s + step], vals[s:s + step]
+        got = CSR.from_edge_chunks(chunks, n_rows, n_cols, e, True, chunk=64)
+        assert torch.equal(got.indptr, ref.indptr) and torch.equal(got.indices, ref.indices)
+        assert torch.equal(got.values, ref.values)  # first value of a repeated pair kept, as from_edges
+
+
+def test_from_edge_chunks_rejects_bad_streams():
+    rows, cols = torch.tensor([0, 1, 2]), torch.tensor([1, 5, 0])
+    with pytest.raises(ValueError, match=r"col ids must lie in \[0, 3\)"):
+        CSR.from_edge_chunks(lambda: iter([(rows, cols, None)]), 3, 3, 3, False)
+    ok = torch.tensor([1, 2, 0])
+    with pytest.raises(ValueError, match="expected nnz=4"):
+        CSR.from_edge_chunks(lambda: iter([(rows, ok, None)]), 3, 3, 4, False)
