@@ -104,3 +104,59 @@ def append_result_row(benchmark: str, case: str, ours: str, baseline: str, ratio
     with table.open("a") as fh:
         shown = "n/a" if ratio is None or (isinstance(ratio, float) and math.isnan(ratio)) else f"{ratio:.2f}"
         fh.write(f"| {date} | {benchmark} | {case} | {ours} | {baseline} | {shown} | {mach} |\n")
+
+
+def plot_stacked(path: str | Path, labels: list[str], parts: dict[str, list[float]], *, ylabel: str, title: str
+                 ) -> Path:
+    """A stacked bar chart (one bar per label, one segment per key of ``parts``) saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 * len(labels) + 3), 4.0))
+    bottom = [0.0] * len(labels)
+    for name, values in parts.items():
+        ax.bar(labels, values, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    for i, total in enumerate(bottom):
+        ax.text(i, total, f"{total:.3g}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_grouped(path: str | Path, labels: list[str], series: dict[str, list[float]], *, ylabel: str, title: str,
+                 log_y: bool = False) -> Path:
+    """Grouped bars (one group per label, one bar per key of ``series``) saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    k = max(1, len(series))
+    width = 0.8 / k
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) * k / 2 + 3), 4.0))
+    for j, (name, values) in enumerate(series.items()):
+        xs = [i + (j - (k - 1) / 2) * width for i in range(len(labels))]
+        ax.bar(xs, values, width=width, label=name)
+    ax.set_xticks(range(len(labels)), labels)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

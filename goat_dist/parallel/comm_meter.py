@@ -200,7 +200,8 @@ def classify(op: str, frames: list[tuple[str, str]]) -> str:
     to the owners), ``infonce_allgather`` / ``infonce_allgather_grad`` / ``infonce_sizes``,
     ``loss_scalars`` (the global-value all-reduces of loss terms and the batch size),
     ``oat_stats`` / ``oat_stats_grad``, ``zero_grad_reduce`` / ``zero_param_allgather`` /
-    ``zero_grad_norm`` / ``zero_other`` (DeepSpeed), ``other:<file>:<function>``."""
+    ``zero_grad_norm`` / ``zero_overflow_check`` / ``zero_other`` (DeepSpeed), ``nonfinite_flags``
+    (the trainer's all-gather of per-rank non-finite loss flags), ``other:<file>:<function>``."""
     user = [(f, n) for f, n in frames if not any(s in f for s in _INFRA)]
     if not user:
         return "other"
@@ -220,6 +221,8 @@ def classify(op: str, frames: list[tuple[str, str]]) -> str:
         return "infonce_allgather"
     if "goat_dist/model/recgoat.py" in f0 and n0 == "compute_loss":
         return "loss_scalars"
+    if "goat_dist/engine/" in f0 and "nonfinite" in n0:
+        return "nonfinite_flags"
     if "torch/distributed/nn/functional.py" in f0:
         if any("goat_dist/model/fusion.py" in f for f in files):
             return "oat_stats"
@@ -228,6 +231,8 @@ def classify(op: str, frames: list[tuple[str, str]]) -> str:
         return "oat_stats_grad" if in_backward else "dist_nn_functional"
     if any("deepspeed/" in f for f in files):
         names = {n for f, n in user if "deepspeed/" in f}
+        if any("overflow" in n for n in names):
+            return "zero_overflow_check"
         if any("norm" in n for n in names):
             return "zero_grad_norm"
         if op in ("all_gather", "all_gather_into_tensor", "_all_gather_base"):

@@ -23,7 +23,9 @@ nodes of the outermost user-item block: data-dependent — plug the measured cou
     zero_*        DeepSpeed ZeRO-1/2 as it runs here (0.19.8, overlap_comm off): all_reduce of the
                   flat fp32 gradients 4*n_dense (``reduce="all_reduce"``; ``"reduce_scatter"`` models the
                   NCCL reduce-scatter path), all_gather of the updated partitions 4*ceil(n_dense/W),
-                  an all_reduce of the 4-byte global norm
+                  an all_reduce of the 4-byte global norm (and of a 1-byte overflow flag when
+                  DeepSpeed's ``check_grad_overflow`` is on)
+    nonfinite_flags  the trainer's all_gather of one uint8 flag per loss part (when it checks them)
     ring all_reduce sent = 2 (W-1)/W payload; f_remote = (W-1)/W unless measured (row-wise blocks,
     ids spread over the id range)
 
@@ -47,7 +49,7 @@ import torch
 
 TAGS = ("emb_a2a_ids", "emb_a2a_out", "emb_a2a_grad", "infonce_allgather", "infonce_sizes",
         "infonce_allgather_grad", "loss_scalars", "oat_stats", "oat_stats_grad", "zero_grad_reduce",
-        "zero_param_allgather", "zero_grad_norm")
+        "zero_param_allgather", "zero_grad_norm", "zero_overflow_check", "nonfinite_flags")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,9 @@ class StepShape:
     item_ids: float              # I
     cmcl: bool = True            # InfoNCE terms on (loss.cmcl_weight > 0)
     w_term: bool = False         # the OAT W term is trained (ot.w_weight > 0): stats all-reduce in backward
+    oat_fusion: bool = True      # model.fusion == "oat" (the statistics all-reduce exists)
+    nonfinite_parts: int = 0     # loss parts whose non-finite flags (uint8) the trainer all-gathers (0 = no check)
+    zero_overflow_check: bool = False  # DeepSpeed's 1-byte overflow all-reduce (optimizer.check_grad_overflow)
     zero_stage: int = 2
     zero_reduce: str = "all_reduce"   # "all_reduce" (DeepSpeed's path here) | "reduce_scatter"
     remote_fraction: float | None = None  # share of looked-up ids owned by other ranks; None = (W-1)/W
@@ -119,12 +124,14 @@ def predict_bytes(s: StepShape) -> dict[str, dict[str, Any]]:
         add("infonce_allgather_grad", "all_reduce", 2 * T, grad, ring_allreduce_sent(grad, W))
     scalars = 8 + 4 * 2 + 4 * T
     add("loss_scalars", "all_reduce", 3 + T, scalars, ring_allreduce_sent(scalars, W))
-    if s.n_modalities:
+    if s.n_modalities and s.oat_fusion:
         M = s.n_modalities
         stats = 4 * (M * d + d + M * d * d + 1)
         add("oat_stats", "all_reduce", 1, stats, ring_allreduce_sent(stats, W))
         if s.w_term:
             add("oat_stats_grad", "all_reduce", 1, stats, ring_allreduce_sent(stats, W))
+    if s.nonfinite_parts:
+        add("nonfinite_flags", "all_gather", 1, s.nonfinite_parts, (W - 1) * s.nonfinite_parts)
     if s.n_dense:
         g = 4 * s.n_dense
         if s.zero_reduce == "all_reduce":
@@ -136,6 +143,8 @@ def predict_bytes(s: StepShape) -> dict[str, dict[str, Any]]:
         part = 4 * math.ceil(s.n_dense / W)
         add("zero_param_allgather", "all_gather_into_tensor", 1, part, (W - 1) * part)
         add("zero_grad_norm", "all_reduce", 1, 4, ring_allreduce_sent(4, W))
+        if s.zero_overflow_check:
+            add("zero_overflow_check", "all_reduce", 1, 1, ring_allreduce_sent(1, W))
     return out
 
 

@@ -80,17 +80,23 @@ def _body(rank, world_size, cfg, run_dir):
     it = iter(tr.loader)
     batches = [next(it) for _ in range(STEPS)]
     shapes = []
+    n_parts = []
     with comm_meter() as meter:
         for b in batches:
-            tr.train_step(b)
+            n_parts.append(len([k for k in tr.train_step(b) if k != "grad_norm"]))
     for b in batches:
         src = b.ui.blocks[0].src_nodes
         shapes.append({"batch": b.users.numel(), "U": src["user"].numel(), "I": src["item"].numel(),
                        "f": remote_fraction(src["user"], src["item"], tr.dataset.n_users, tr.dataset.n_items,
                                             world_size, rank)})
     n_dense = sum(p.numel() for p in tr.engine.module.parameters())
+    # optional checks the trainer's code switches on (read from the code, not from the measurement)
+    checks = {"nonfinite": "_nonfinite_flags" in DistributedTrainer.__dict__,
+              "overflow": bool(getattr(tr.engine.optimizer, "check_grad_overflow", False))}
+    for sh, n in zip(shapes, n_parts):
+        sh["parts"] = n
     tr.close()
-    return {"records": meter.as_dicts(), "shapes": shapes, "n_dense": n_dense}
+    return {"records": meter.as_dicts(), "shapes": shapes, "n_dense": n_dense, "checks": checks}
 
 
 @pytest.mark.dist
@@ -111,7 +117,8 @@ def test_predicted_bytes_match_measured_world2(tmp_path):
         for k, sh in enumerate(r["shapes"]):
             s = StepShape(world_size=2, batch=sh["batch"], dim=8, n_modalities=2, user_branch=True,
                           n_dense=r["n_dense"], user_ids=sh["U"], item_ids=sh["I"], remote_fraction=sh["f"],
-                          infonce_rows=n_max[k])
+                          infonce_rows=n_max[k], nonfinite_parts=sh["parts"] if r["checks"]["nonfinite"] else 0,
+                          zero_overflow_check=r["checks"]["overflow"])
             for tag, v in predict_bytes(s).items():
                 p = predicted.setdefault(tag, {"calls": 0, "payload_bytes": 0.0, "sent_bytes": 0.0})
                 for key in p:
