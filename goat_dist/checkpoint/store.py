@@ -259,7 +259,8 @@ class CheckpointStore:
     def __init__(self, root: str, *, keep: int = 3, hmac_key: bytes | str | None = None,
                  protocols: Iterable[str] | None = None) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
-            raise CheckpointError(f"checkpoint root {root!r}: keep must be an integer >= 0 (0 = keep all), got {keep!r}")
+            raise CheckpointError(f"checkpoint root {root!r}: keep must be an integer >= 0 (0 = keep all), "
+                                  f"got {keep!r}")
         self.protocols = None if protocols is None else tuple(protocols)
         self.root = resolve_url(root, protocols=self.protocols)
         self.keep = keep
@@ -292,7 +293,10 @@ class CheckpointStore:
         if isinstance(url, str) and url and "/" not in url and "\\" not in url and "://" not in url:
             url = join_url(self.root, url)
         resolved = resolve_url(url, root=self.root, protocols=self.protocols)
-        rel = resolved[len(self.root):].lstrip("/\\")
+        if self._local:
+            rel = os.path.relpath(os.path.realpath(resolved), os.path.realpath(self.root))
+        else:
+            rel = resolved[len(self.root):].lstrip("/")
         if "/" in rel or "\\" in rel or not _NAME.match(rel):
             raise CheckpointError(f"checkpoint URL {url!r}: not a checkpoint directory (step-<N>[.<k>]) directly "
                                   f"under the root {self.root!r}")
@@ -308,16 +312,20 @@ class CheckpointStore:
         for path in listing:
             name = posixpath.basename(str(path).rstrip("/"))
             m = _NAME.match(name)
-            if m:
-                out.append(((int(m.group(1)), int(m.group(2) or 0)), name))
+            if not m:
+                continue
+            if self._local and os.path.islink(os.path.join(self._fs_root, name)):
+                log.warning("checkpoint root %s: ignoring %s, a symlink (checkpoints are real directories)",
+                            self.root, name)
+                continue
+            out.append(((int(m.group(1)), int(m.group(2) or 0)), name))
         return sorted(out)
 
     # ---------------------------------------------------------------------------------------------- verify
 
     def _read_manifest(self, name: str) -> dict:
         url = join_url(self.root, name)
-        path = self._fs_path(name)
-        mpath = self._fs_path(f"{name}/{MANIFEST}") if not self._local else os.path.join(path, MANIFEST)
+        mpath = self._manifest_path(name)
         try:
             with self.fs.open(mpath, "rb") as f:
                 raw = f.read(MAX_MANIFEST_BYTES + 1)
@@ -375,6 +383,14 @@ class CheckpointStore:
     def _list_files(self, name: str) -> dict[str, int]:
         """``{relative path: size}`` of every file in checkpoint ``name`` except the manifest."""
         base = self._fs_path(name)
+        if self._local:
+            if os.path.islink(base):
+                raise CheckpointError(f"checkpoint {join_url(self.root, name)}: is a symlink")
+            for dirpath, dirnames, filenames in os.walk(base):
+                for entry in dirnames + filenames:
+                    if os.path.islink(os.path.join(dirpath, entry)):
+                        raise CheckpointError(f"checkpoint {join_url(self.root, name)}: "
+                                              f"{os.path.relpath(os.path.join(dirpath, entry), base)} is a symlink")
         out = {}
         for path, info in self.fs.find(base, withdirs=False, detail=True).items():
             rel = str(path)[len(base):].lstrip("/")
@@ -627,6 +643,7 @@ class CheckpointStore:
                                   f"{_short(e)}") from e
         if on:
             dist.barrier(group=process_group)
+        t_write = time.perf_counter()
 
         # 3. every rank hashes a share of the files; rank 0 writes the manifest last, atomically.
         listing = None
@@ -642,6 +659,7 @@ class CheckpointStore:
         if error is not None:
             raise CheckpointError(error)
         digests = self._collective_hashes(name, listing, process_group)
+        t_hash = time.perf_counter()
         error = None
         if rank == 0:
             try:
@@ -672,8 +690,8 @@ class CheckpointStore:
             except OSError as e:  # a failed prune never fails a save that is already complete
                 log.warning("checkpoint root %s: pruning failed: %s", self.root, e)
             size = sum(size for _, size in listing)
-            log.info("checkpoint %s: step %d, world %d, %.1f MB, %.2f s", url, step, world, size / 1e6,
-                     time.perf_counter() - t0)
+            log.info("checkpoint %s: step %d, world %d, %.1f MB, %.2f s (DCP write %.2f s, hashing %.2f s)", url,
+                     step, world, size / 1e6, time.perf_counter() - t0, t_write - t0, t_hash - t_write)
         return url
 
     def prune(self) -> list[str]:

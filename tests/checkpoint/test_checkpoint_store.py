@@ -252,3 +252,20 @@ def test_deep_verification_is_reused_only_while_files_are_unchanged(tmp_path, mo
     with pytest.raises(CheckpointError, match="__0_0.distcp sha256"):
         store.load(url, t)
     assert len(hashed) > 6
+
+
+def test_symlinks_are_not_checkpoints(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ck"), keep=0)
+    url = store.save(1, {"x": torch.ones(2)})
+    other = CheckpointStore(str(tmp_path / "other"))
+    other_url = other.save(5, {"x": torch.zeros(2)})
+    os.symlink(other_url, tmp_path / "ck" / "step-5")        # a whole checkpoint elsewhere
+    assert store.list_complete() == [url] and store.latest() == url
+    with pytest.raises(CheckpointError, match="outside the checkpoint root"):
+        store.load(str(tmp_path / "ck" / "step-5"), {"x": torch.zeros(2)})
+    blob = tmp_path / "ck" / "step-1" / "__0_0.distcp"     # a file replaced by a link to a copy
+    (tmp_path / "copy").write_bytes(blob.read_bytes())
+    blob.unlink()
+    os.symlink(tmp_path / "copy", blob)
+    with pytest.raises(CheckpointError, match="__0_0.distcp is a symlink"):
+        store.verify(url)

@@ -111,7 +111,8 @@ CASES = {
     "manifest adds a file": (lambda c: _edit_manifest(c, lambda m: m["files"].append(
         {"path": "more", "size": 0, "sha256": "0" * 64})), "HMAC"),
     "manifest HMAC removed": (lambda c: _edit_manifest(c, lambda m: m.update(hmac_sha256=None)), "no HMAC"),
-    "manifest HMAC wrong": (lambda c: _edit_manifest(c, lambda m: m.update(hmac_sha256="ab" * 32)), "HMAC does not match"),
+    "manifest HMAC wrong": (lambda c: _edit_manifest(c, lambda m: m.update(hmac_sha256="ab" * 32)),
+                            "HMAC does not match"),
     "manifest re-signed with another key": (lambda c: _resign(c, b"attacker"), "HMAC does not match"),
     "manifest not JSON": (lambda c: (c / "MANIFEST.json").write_bytes(b"\x80\x04K\x01."), "not valid JSON"),
     "manifest missing": (lambda c: (c / "MANIFEST.json").unlink(), "no MANIFEST.json"),
