@@ -37,10 +37,14 @@ and the part. Non-finite DENSE gradients are caught by DeepSpeed's overflow chec
 all-reduced over ranks) before its optimiser step; the tables' fused update of that step has already
 happened by then (not covered: a finite loss with non-finite table gradients).
 
-Evaluation: every rank computes the full representations (the lookups go through the sharded
-tables' all-to-all), rank r scores eval batches r, r+W, ... of the single-process batching, and the
-per-batch metric sums are gathered and accumulated in the single-process order, so the metrics are
-bit-identical to single-process evaluation of the same parameters.
+Evaluation: the representations are computed row-sharded (``RowShard``): rank r computes its row
+block of every LightGCN layer (users and items; each layer all-gathered), of the modality encoders
+and the fusion (the fused item table all-gathered) and of the user branch, for the eval users only;
+the ID lookups go through the sharded tables' all-to-all, the same number of times on every rank.
+Each eval batch of the single-process batching is scored by the rank owning its first user (rows
+straddling a block boundary are sent to it), and the per-batch metric sums are gathered and
+accumulated in the single-process order, so the metrics are bit-identical to single-process
+evaluation of the same parameters (every dense op sees the same row chunks as on one process).
 """
 from __future__ import annotations
 
@@ -53,8 +57,9 @@ import torch.distributed.nn.functional as dist_fn
 from goat_dist.config import Config
 from goat_dist.engine import checkpointing as ckpt
 from goat_dist.engine.trainer import Trainer
-from goat_dist.eval.metrics import METRICS, finalize, metric_sums
+from goat_dist.eval.sharded import process_group_shard, sharded_metrics
 from goat_dist.log import get_logger
+from goat_dist.model.lightgcn import RowShard
 from goat_dist.model.recgoat import RecGOAT
 from goat_dist.parallel.dense import dense_engine
 from goat_dist.parallel.process_group import DistEnv, init_process_group
@@ -252,29 +257,42 @@ class DistributedTrainer(Trainer):
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float] | None:
-        """Full-ranking metrics of ``split``, bit-identical to single-process ``Trainer.evaluate``."""
+        """Full-ranking metrics of ``split``, bit-identical to single-process ``Trainer.evaluate``.
+
+        The representations are computed row-sharded (``_sharded_representations``); users are
+        scored by the rank owning them (``eval.sharded.sharded_metrics``)."""
         heldout = self._split_csr(split)
         if heldout is None:
             return None
-        score = self._scorer()
         users = self._eval_users().to(torch.int64)
         users = users[heldout.degrees()[users] > 0]
-        ks, bs = list(self.cfg.eval.ks), self.cfg.eval.batch_size
-        starts = list(range(0, users.numel(), bs))
-        mine = [(i, metric_sums(score, users[s:s + bs], heldout, [self._train_csr], ks, bs))
-                for i, s in enumerate(starts) if i % self.world_size == self.rank]
-        if self.world_size > 1:
-            gathered: list = [None] * self.world_size
-            dist.all_gather_object(gathered, mine)
-            mine = [x for part in gathered for x in part]
-        per_batch = dict(mine)
-        sums = {f"{m}@{k}": 0.0 for m in METRICS for k in ks}
-        for i in range(len(starts)):  # the single-process accumulation order
-            for k, v in per_batch[i].items():
-                if k != "n_users":
-                    sums[k] += v
-        sums["n_users"] = float(users.numel())
-        return finalize(sums)
+        user_reps, item_reps, shard = self._sharded_representations(users)
+        return sharded_metrics(user_reps, users, item_reps, heldout, [self._train_csr], list(self.cfg.eval.ks),
+                               self.cfg.eval.batch_size, shard, self.dataset.n_users, self.eval_chunk_size)
+
+    eval_chunk_size = 65536  # rows per chunk of the full-graph pass (the single-process trainer's default)
+
+    def _sharded_representations(self, users: torch.Tensor):
+        """(representations of the ``users`` in this rank's user block, full item table, the shard):
+        every rank computes its row blocks of the LightGCN layers, encoders, fusion and user branch."""
+        shard = process_group_shard() if self.world_size > 1 else RowShard()
+        # DeepSpeed keeps the dense parameters as views into flat buffers, at offsets that are not
+        # 64-byte aligned; MKL's GEMM result depends on the operands' alignment (seen: 2e-7 apart
+        # for the same values), so the pass runs on freshly allocated copies, like one process's.
+        table_ids = {id(p) for coll in find_collections_sharded(self.model) for p in coll.parameters()}
+        dense = [p for p in self.model.parameters() if id(p) not in table_ids]
+        saved = [p.data for p in dense]
+        try:
+            for p in dense:
+                p.data = p.data.clone()
+            user_reps, item_reps = self.model.compute_all_representations(
+                self.graphs.ui.user_items, self.graphs.ui.item_users, self.item_features, self.user_features,
+                self.graphs.item_item, self.graphs.user_user, chunk_size=self.eval_chunk_size, user_ids=users,
+                shard=shard)
+        finally:
+            for p, data in zip(dense, saved):
+                p.data = data
+        return user_reps, item_reps, shard
 
     # ------------------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:

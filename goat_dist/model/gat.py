@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import GATConv
 
 from goat_dist.graph.csr import CSR
+from goat_dist.model.lightgcn import RowShard
 from goat_dist.sampling.blocks import Relation, SampledSubgraph
 
 FeatureSource = Union[Tensor, np.ndarray, Callable[[Tensor], Any]]
@@ -92,27 +93,35 @@ class GATEncoder(nn.Module):
         return h[:n_seeds]
 
     @torch.no_grad()
-    def full_graph(self, graph: CSR | None, features: FeatureSource, n_nodes: int, chunk_size: int = 65536) -> Tensor:
-        """Representations of all ``n_nodes`` nodes, layer by layer, destinations in chunks.
+    def full_graph(self, graph: CSR | None, features: FeatureSource, n_nodes: int, chunk_size: int = 65536,
+                   shard: RowShard | None = None) -> Tensor:
+        """Representations of all ``n_nodes`` nodes, layer by layer, destinations in grid chunks.
 
         ``graph``: CSR whose row v lists v's in-neighbours (the kNN graph). Each chunk is a 1-hop
         block whose source list is [chunk nodes, the chunk's distinct neighbours], with a row's
         self-loop mapped to its own chunk position, so GATConv sees exactly what a fanout -1 sampled
         block would show it.
 
-        **Shapes:** -> [n_nodes, d].
+        ``shard``: this rank projects and convolves only its row block (``RowShard``; the same grid
+        chunks as one process, hence bit-identical rows); every layer but the last is all-gathered,
+        and the result is this rank's block ``shard.block(n_nodes)``.
+
+        **Shapes:** -> [n_nodes, d] (with a shard: [r1 - r0, d]).
         """
-        device = self.proj.weight.device
-        h = torch.empty((n_nodes, self.proj.out_features), device=device)
-        for s in range(0, n_nodes, chunk_size):
-            ids = torch.arange(s, min(s + chunk_size, n_nodes), device=device)
-            h[s:s + ids.numel()] = self.proj(gather_features(features, ids, device))
+        sh = shard or RowShard()
+        device, dim = self.proj.weight.device, self.proj.out_features
+        r_lo, r_hi = sh.block(n_nodes, chunk_size)
+        chunks = [(s, e) for s, e in sh.chunks(n_nodes, chunk_size) if e > s]
+        blk = torch.empty((sh.block_rows(n_nodes, chunk_size), dim), device=device)
+        for s, e in chunks:
+            ids = torch.arange(s, e, device=device)
+            blk[s - r_lo:e - r_lo] = self.proj(gather_features(features, ids, device))
         if self.num_layers and graph is None:
             raise ValueError(f"GAT over {self.relation} needs its graph for full-graph inference")
+        h = sh.full_buffer(n_nodes, chunk_size, dim, device) if self.num_layers else blk
         for layer, conv in enumerate(self.convs):
-            out = torch.empty_like(h)
-            for r0 in range(0, n_nodes, chunk_size):
-                r1 = min(r0 + chunk_size, n_nodes)
+            sh.gather(h, blk)
+            for r0, r1 in chunks:
                 e0, e1 = int(graph.indptr[r0]), int(graph.indptr[r1])
                 nbr = graph.indices[e0:e1].to(torch.int64).to(device)
                 dst = torch.repeat_interleave(torch.arange(r1 - r0, device=device),
@@ -120,6 +129,6 @@ class GATEncoder(nn.Module):
                 uniq, inv = torch.unique(nbr, return_inverse=True)
                 src = torch.where(nbr == dst + r0, dst, inv + (r1 - r0))
                 x_src = torch.cat([h[r0:r1], h.index_select(0, uniq)])
-                out[r0:r1] = conv((x_src, h[r0:r1]), torch.stack([src, dst]))
-            h = F.elu(out) if layer + 1 < self.num_layers else out
-        return h
+                out = conv((x_src, h[r0:r1]), torch.stack([src, dst]))
+                blk[r0 - r_lo:r1 - r_lo] = F.elu(out) if layer + 1 < self.num_layers else out
+        return blk[:r_hi - r_lo]

@@ -14,24 +14,31 @@ Design choices:
   full sum given the previous layer. This needs the full-graph degrees D (``degrees`` argument, indexed
   by global id); with ``degrees=None`` no rescaling happens, which is exact for fanout -1 (s_v = D_v).
 - Full-graph inference (``full_graph_lightgcn``) walks the CSRs in row chunks with the same maths, so
-  evaluation never needs the [N, N] adjacency.
+  evaluation never needs the [N, N] adjacency. It is memory-lean (layer buffers reused in place,
+  accumulators started from the looked-up table, an optional user subset) and can be row-sharded
+  over ranks (``RowShard``: each rank its row block of every layer, the layer all-gathered), with
+  results bit-identical row for row to the single-process pass.
 
 **Relations:** ``ITEM_TO_USER`` (messages item -> user; CSR rows = users) and ``USER_TO_ITEM``.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from goat_dist.graph.csr import CSR
+from goat_dist.log import get_logger
 from goat_dist.sampling.blocks import ITEM, ITEM_TO_USER, USER, USER_TO_ITEM, Block, Relation, SampledSubgraph
 
 # The sparse-CSR matmul used here (CSR @ dense, forward and backward) is stable; silence torch's blanket
 # "beta" notice, once per process.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+log = get_logger(__name__)
 
 
 class _CSRMatmul(torch.autograd.Function):
@@ -126,52 +133,218 @@ def csr_norm_values(csr: CSR) -> Tensor:
     return (deg_r[rows] * deg_c[csr.indices.to(torch.int64)]).clamp_min(1.0).rsqrt()
 
 
-def csr_spmm(csr: CSR, h: Tensor, chunk_size: int = 65536, values: Tensor | None = None) -> Tensor:
-    """``out[r] = sum_{c in row r} values[rc] * h[c]`` in row chunks, one sparse-CSR matmul per chunk
-    (memory O(chunk edges + chunk rows * d), no [E, d] messages).
+GRID_CHUNKS = 64
+"""Full-graph passes split the rows of each node type into a fixed grid of at most this many chunks
+(each at most ``chunk_size`` rows), whatever the world size, and a rank's block is a run of whole grid
+chunks: every dense op (Linear, GATConv, fusion) then sees exactly the same row chunks on one process
+as on W, which is what makes sharded evaluation bit-identical (a GEMM's per-row result can depend on
+how many rows it is given, e.g. M = 1 takes a gemv path)."""
 
-    **Shapes:** h [n_cols, d] -> [n_rows, d].
+
+@dataclass(frozen=True)
+class RowShard:
+    """Which rows of a full-graph pass this process computes, and how the blocks are joined.
+
+    Rows ``0..n-1`` of a node type are cut into grid chunks of ``chunk(n, chunk_size)`` rows; rank r
+    owns rows ``[r * B, min((r + 1) * B, n))`` with ``B = block_rows(n, chunk_size)`` a whole number of
+    chunks (the last ranks may own fewer rows, or none). Full per-layer tables are held in buffers of
+    ``world_size * B`` rows (global row g at row g; rows >= n are padding), filled by
+    ``all_gather(out [W * B, d], block [B, d])`` (``all_gather_into_tensor`` semantics; the caller
+    binds the process group). ``RowShard()`` is the single-process pass (one block, no communication).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    all_gather: Callable[[Tensor, Tensor], Any] | None = None
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"RowShard: rank {self.rank} outside world size {self.world_size}")
+        if self.world_size > 1 and self.all_gather is None:
+            raise ValueError("RowShard with world_size > 1 needs an all_gather")
+
+    @staticmethod
+    def chunk(n: int, chunk_size: int) -> int:
+        """Rows per grid chunk: ``min(chunk_size, ceil(n / GRID_CHUNKS))``, at least 1."""
+        return max(1, min(int(chunk_size), -(-int(n) // GRID_CHUNKS)))
+
+    def block_rows(self, n: int, chunk_size: int) -> int:
+        """Rows per rank block B (a multiple of the grid chunk)."""
+        c = self.chunk(n, chunk_size)
+        return -(-(-(-int(n) // c)) // self.world_size) * c
+
+    def block(self, n: int, chunk_size: int) -> tuple[int, int]:
+        """This rank's rows ``[r0, r1)``."""
+        b = self.block_rows(n, chunk_size)
+        return min(self.rank * b, n), min((self.rank + 1) * b, n)
+
+    def owner(self, ids: Tensor, n: int, chunk_size: int) -> Tensor:
+        """The rank owning each row id. **Shapes:** ids [k] -> [k] int64."""
+        return torch.div(ids.to(torch.int64), self.block_rows(n, chunk_size), rounding_mode="floor")
+
+    def chunks(self, n: int, chunk_size: int) -> list[tuple[int, int]]:
+        """This rank's grid chunks ``(start, stop)``; the same COUNT on every rank (trailing chunks
+        may be empty), so that a collective called once per chunk is called equally often."""
+        c, b = self.chunk(n, chunk_size), self.block_rows(n, chunk_size)
+        r0 = self.rank * b
+        return [(min(s, n), min(s + c, n)) for s in range(r0, r0 + b, c)]
+
+    def full_buffer(self, n: int, chunk_size: int, dim: int, device, dtype=torch.float32) -> Tensor:
+        """Uninitialised [W * B, dim] buffer for a gathered table (rows >= n are padding)."""
+        return torch.empty((self.world_size * self.block_rows(n, chunk_size), dim), device=device, dtype=dtype)
+
+    def gather(self, out: Tensor, block: Tensor) -> None:
+        """``out[r * B:(r + 1) * B] = block of rank r`` for every r (no-op copy-free for W = 1 when
+        ``block`` is ``out``). **Shapes:** block [B, d], out [W * B, d]."""
+        if self.world_size == 1:
+            if block.data_ptr() != out.data_ptr():
+                out[:block.shape[0]].copy_(block)
+            return
+        self.all_gather(out, block.contiguous())
+
+
+def csr_spmm(csr: CSR, h: Tensor, chunk_size: int = 65536, values: Tensor | None = None,
+             out: Tensor | None = None, rows: tuple[int, int] | None = None) -> Tensor:
+    """``out[r - r0] = sum_{c in row r} values[rc] * h[c]`` for rows ``[r0, r1)`` (default: all), in row
+    chunks, one sparse-CSR matmul per chunk (memory O(chunk edges + chunk rows * d), no [E, d]
+    messages). Each row's sum depends only on that row's entries, not on the chunking.
+
+    ``out``: optional preallocated [>= r1 - r0, d] output (written in place, rows of empty CSR rows
+    set to 0; it must not overlap ``h``). ``h`` may have more rows than ``csr.n_cols`` (padding).
+
+    **Shapes:** h [>= n_cols, d] -> [r1 - r0, d].
     """
     vals = csr_norm_values(csr) if values is None else values
-    out = h.new_zeros((csr.n_rows, h.shape[1]))
+    r_lo, r_hi = (0, csr.n_rows) if rows is None else (int(rows[0]), int(rows[1]))
+    if h.shape[0] > csr.n_cols:
+        h = h[:csr.n_cols]
+    if out is None:
+        out = h.new_empty((r_hi - r_lo, h.shape[1]))
     indptr = csr.indptr
-    for r0 in range(0, csr.n_rows, chunk_size):
-        r1 = min(r0 + chunk_size, csr.n_rows)
+    for r0 in range(r_lo, r_hi, chunk_size):
+        r1 = min(r0 + chunk_size, r_hi)
         e0, e1 = int(indptr[r0]), int(indptr[r1])
+        dst = out[r0 - r_lo:r1 - r_lo]
         if e1 == e0:
+            dst.zero_()
             continue
         cols = csr.indices[e0:e1].to(torch.int64).to(h.device)
         crow = (indptr[r0:r1 + 1] - e0).to(h.device)
         a = torch.sparse_csr_tensor(crow, cols, vals[e0:e1].to(h.device, h.dtype), (r1 - r0, csr.n_cols),
                                     check_invariants=False)
-        out[r0:r1] = a @ h
+        dst.copy_(a @ h)
+    return out[:r_hi - r_lo]
+
+
+def csr_rows_spmm(csr: CSR, ids: Tensor, h: Tensor, chunk_size: int = 65536, values: Tensor | None = None) -> Tensor:
+    """``csr_spmm`` for an arbitrary list of rows ``ids`` (any order, repeats allowed), in chunks of
+    ids. Equal, row for row, to the corresponding rows of ``csr_spmm`` over all rows.
+
+    **Shapes:** ids [k], h [>= n_cols, d] -> [k, d].
+    """
+    vals = csr_norm_values(csr) if values is None else values
+    if h.shape[0] > csr.n_cols:
+        h = h[:csr.n_cols]
+    ids = ids.to(torch.int64).cpu()
+    out = h.new_empty((ids.numel(), h.shape[1]))
+    for s in range(0, ids.numel(), chunk_size):
+        rows = ids[s:s + chunk_size]
+        start = csr.indptr[rows]
+        deg = csr.indptr[rows + 1] - start
+        crow = torch.zeros(rows.numel() + 1, dtype=torch.int64)
+        torch.cumsum(deg, 0, out=crow[1:])
+        n_e = int(crow[-1])
+        if n_e == 0:
+            out[s:s + rows.numel()].zero_()
+            continue
+        # edge positions of the selected rows, row by row in CSR order
+        edge = torch.repeat_interleave(start - crow[:-1], deg) + torch.arange(n_e)
+        a = torch.sparse_csr_tensor(crow.to(h.device), csr.indices[edge].to(torch.int64).to(h.device),
+                                    vals[edge].to(h.device, h.dtype), (rows.numel(), csr.n_cols),
+                                    check_invariants=False)
+        out[s:s + rows.numel()] = a @ h
     return out
 
 
 def full_graph_lightgcn(user_items: CSR, item_users: CSR, lookup: Callable[[str, Tensor], Tensor], num_layers: int,
-                        dim: int, device: torch.device | str = "cpu", chunk_size: int = 65536
-                        ) -> tuple[Tensor, Tensor]:
-    """Full-graph LightGCN, layer by layer in row chunks.
+                        dim: int, device: torch.device | str = "cpu", chunk_size: int = 65536,
+                        user_ids: Tensor | None = None, shard: RowShard | None = None) -> tuple[Tensor, Tensor]:
+    """Full-graph LightGCN, layer by layer in row chunks, memory-lean and optionally row-sharded.
 
-    ``lookup(node_type, ids)`` returns the layer-0 embeddings of ``ids`` (called in chunks of
-    ``chunk_size`` ids). ``user_items``: rows = users, values = norm; ``item_users``: rows = items.
+    ``lookup(node_type, ids)`` returns the layer-0 embeddings of ``ids`` (called once per grid chunk of
+    this rank's block: the same number of calls on every rank, as a sharded table's all-to-all needs).
+    ``user_items``: rows = users, values = norm; ``item_users``: rows = items.
 
-    **Shapes:** -> ([n_users, d], [n_items, d]).
+    ``user_ids``: return only these users (and skip the last layer's propagation to every other user).
+    ``shard``: this rank computes its row block of every layer (users and items; ``RowShard``), the
+    layer is all-gathered; the results are this rank's rows only (see Returns). Row for row the
+    result is bit-identical to the single-process pass.
+
+    Memory (W = 1, n_u users, n_i items, rows of d floats): one user layer buffer (propagated in
+    place: layer k+1 of the users reads only layer k of the items, which is computed first from the
+    user layer), user accumulator (n_u, or |user_ids|), two item layer buffers (ping-pong) and the
+    item accumulator: 2 n_u + 3 n_i rows (n_u + 3 n_i with ``user_ids``), against 5 (n_u + n_i) + the
+    tables before. With W ranks: the two gathered layer tables n_u + n_i plus 2 blocks of each type.
+
+    Returns ``(users, items)``: single process [n_users or len(user_ids), d], [n_items, d]; with a
+    shard, users = rows of this rank's user block (the ``user_ids`` in it, in the given order) and
+    items = rows ``shard.block(n_items)`` of the items.
+
+    **Shapes:** -> ([n_u_out, d], [n_i_out, d]).
     """
+    sh = shard or RowShard()
     n_users, n_items = user_items.n_rows, item_users.n_rows
-
-    def table(node_type: str, n: int) -> Tensor:
-        out = torch.empty((n, dim), device=device)
-        for s in range(0, n, chunk_size):
-            ids = torch.arange(s, min(s + chunk_size, n), device=device)
-            out[s:s + ids.numel()] = lookup(node_type, ids).to(out.dtype)
-        return out
-
-    h_u, h_i = table(USER, n_users), table(ITEM, n_items)
+    cs = int(chunk_size)
+    (u0, u1), (i0, i1) = sh.block(n_users, cs), sh.block(n_items, cs)
+    bu, bi = sh.block_rows(n_users, cs), sh.block_rows(n_items, cs)
     vu, vi = csr_norm_values(user_items), csr_norm_values(item_users)
-    acc_u, acc_i = h_u.clone(), h_i.clone()
-    for _ in range(num_layers):
-        h_u, h_i = csr_spmm(user_items, h_i, chunk_size, vu), csr_spmm(item_users, h_u, chunk_size, vi)
-        acc_u += h_u
-        acc_i += h_i
-    return acc_u / (num_layers + 1), acc_i / (num_layers + 1)
+    W = sh.world_size
+
+    h_u = sh.full_buffer(n_users, cs, dim, device)
+    h_i = sh.full_buffer(n_items, cs, dim, device)
+    # W = 1: the next user layer is written in place; W > 1: into a block, then gathered.
+    blk_u = h_u[:bu] if W == 1 else h_u.new_empty((bu, dim))
+    blk_i = h_i.new_empty((bi, dim))  # next item layer (own block); W = 1: the ping-pong buffer
+
+    def fill(node_type: str, n: int, buf: Tensor, r0: int) -> None:
+        for s, e in sh.chunks(n, cs):
+            ids = torch.arange(s, e, device=device)
+            emb = lookup(node_type, ids)
+            if e > s:
+                buf[s - r0:e - r0] = emb.to(buf.dtype)
+
+    fill(USER, n_users, blk_u, u0)
+    fill(ITEM, n_items, h_i[i0:] if W == 1 else blk_i, i0)
+    if user_ids is not None:
+        user_ids = user_ids.to(torch.int64).to(device)
+        local = user_ids[(user_ids >= u0) & (user_ids < u1)] - u0
+        acc_u = blk_u.index_select(0, local)
+    else:
+        local = None
+        acc_u = blk_u[:u1 - u0].clone()
+    acc_i = (h_i[:n_items] if W == 1 else blk_i[:i1 - i0]).clone()
+    sh.gather(h_u, blk_u)
+    sh.gather(h_i, blk_i if W > 1 else h_i)
+    log.debug("full-graph LightGCN rank %d/%d: users [%d, %d) of %d%s, items [%d, %d) of %d, %d layers",
+              sh.rank, W, u0, u1, n_users, "" if local is None else f" ({local.numel()} kept)", i0, i1, n_items,
+              num_layers)
+
+    for layer in range(num_layers):
+        last = layer + 1 == num_layers
+        # items first: they read the current user layer, which the users then overwrite
+        csr_spmm(item_users, h_u, cs, vi, out=blk_i, rows=(i0, i1))
+        acc_i += blk_i[:i1 - i0]
+        if last and local is not None:
+            acc_u += csr_rows_spmm(user_items, local + u0, h_i, cs, vu)
+        else:
+            csr_spmm(user_items, h_i, cs, vu, out=blk_u, rows=(u0, u1))
+            acc_u += blk_u[:u1 - u0] if local is None else blk_u.index_select(0, local)
+        if last:
+            break
+        sh.gather(h_u, blk_u)
+        if W == 1:
+            h_i, blk_i = blk_i, h_i
+        else:
+            sh.gather(h_i, blk_i)
+    scale = float(num_layers + 1)
+    return acc_u.div_(scale), acc_i.div_(scale)

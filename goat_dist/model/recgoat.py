@@ -27,7 +27,8 @@ Design choices:
 - OAT statistics are taken over the triples' items (pos and neg, with multiplicity), so their sums
   over ranks are the global batch's; eval uses the training EMA (see ``fusion.py``).
 - Full-graph inference (``compute_all_representations``) runs the same maths layer by layer over the
-  CSRs in chunks — the exactness test ties the two paths together.
+  CSRs in chunks — the exactness test ties the two paths together. Given a ``RowShard`` it runs
+  row-sharded over ranks (each rank its row blocks, per-layer all-gathers), bit-identical row for row.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from goat_dist.losses import InfoNCE, bpr_loss, global_value_local_grad, l2_loss
 from goat_dist.model.embeddings import IdEmbeddings
 from goat_dist.model.fusion import FusionOutput, OATFusion, ReduceStats, build_fusion
 from goat_dist.model.gat import FeatureSource, GATEncoder
-from goat_dist.model.lightgcn import full_graph_lightgcn, lightgcn_blocks
+from goat_dist.model.lightgcn import RowShard, full_graph_lightgcn, lightgcn_blocks
 from goat_dist.sampling.blocks import ITEM, USER, USER_USER, MiniBatch, SampledSubgraph, item_item_relation
 
 log = get_logger(__name__)
@@ -248,8 +249,10 @@ class RecGOAT(nn.Module):
                                     item_features: Mapping[str, FeatureSource] | None = None,
                                     user_features: FeatureSource | None = None,
                                     item_graphs: Mapping[str, CSR] | None = None, user_graph: CSR | None = None,
-                                    chunk_size: int = 65536) -> tuple[Tensor, Tensor]:
-        """Scoring representations of ALL users and items (eval mode, full graphs, chunked).
+                                    chunk_size: int = 65536, user_ids: Tensor | None = None,
+                                    shard: RowShard | None = None) -> tuple[Tensor, Tensor]:
+        """Scoring representations of ALL items and of all (or the given) users (eval mode, full
+        graphs, chunked; optionally row-sharded over ranks).
 
         Args:
             user_items: training CSR, rows = users, columns = items, values = 1/sqrt(deg_u deg_i)
@@ -257,15 +260,24 @@ class RecGOAT(nn.Module):
             item_features / user_features: as in ``forward``.
             item_graphs: modality -> item-item kNN CSR (row v lists v's neighbours);
                 ``user_graph``: user-user CSR (user branch).
-            chunk_size: rows per chunk for lookups, propagation and fusion.
+            chunk_size: at most this many rows per chunk for lookups, propagation and fusion.
+            user_ids: only these users' representations (the final user table is never built for
+                the others; e.g. the eval users).
+            shard: ``RowShard`` of this rank: LightGCN layers, modality encoders, fusion and the
+                user branch run on this rank's row blocks (per-layer all-gathers); the fused item
+                table is all-gathered. Collective: every rank calls it with the same arguments.
+                Bit-identical, row for row, to the single-process call.
 
         The OAT plan comes from the training EMA of the statistics (as in eval-mode ``forward``);
         before any training step, from the statistics of all items. Dropout is off.
 
-        **Shapes:** -> (user_reps [n_users, d], item_reps [n_items, d]); score = user_reps @ item_reps.T.
+        **Shapes:** -> (user_reps [n_users, d] | [len(user_ids), d] | with a shard: the rows of this
+        rank's user block (of ``user_ids`` in it), item_reps [n_items, d]);
+        score = user_reps @ item_reps.T.
         """
         was_training = self.training
         self.eval()
+        sh = shard or RowShard()
         try:
             device = self._device()
             empty = torch.empty(0, dtype=torch.int64, device=device)
@@ -276,31 +288,54 @@ class RecGOAT(nn.Module):
                 return self.id_emb(empty, ids)[1]
 
             u_id, i_id = full_graph_lightgcn(user_items, item_users, lookup, self.cfg.id_layers, self.dim,
-                                             device, chunk_size)
+                                             device, chunk_size, user_ids=user_ids, shard=sh)
             item_features, item_graphs = item_features or {}, item_graphs or {}
-            xs = [self.item_encoders[m].full_graph(item_graphs.get(m), item_features[m], self.n_items, chunk_size)
-                  for m in self.modalities]
-            items = torch.empty_like(i_id)
+            xs = [self.item_encoders[m].full_graph(item_graphs.get(m), item_features[m], self.n_items, chunk_size,
+                                                   shard=sh) for m in self.modalities]
+            i0, i1 = sh.block(self.n_items, chunk_size)
+            chunks = [(s - i0, e - i0) for s, e in sh.chunks(self.n_items, chunk_size) if e > s]
+            items = sh.full_buffer(self.n_items, chunk_size, self.dim, device)
+            block = items[:sh.block_rows(self.n_items, chunk_size)] if sh.world_size == 1 else \
+                items.new_empty((sh.block_rows(self.n_items, chunk_size), self.dim))
             if isinstance(self.fusion, OATFusion):
                 stacked = torch.stack(xs)
                 flat = self.fusion.ema_statistics()
-                if flat is None:
-                    flat = self.fusion.statistics(i_id, stacked)
+                if flat is None:  # before any training step: statistics of ALL items
+                    flat = self.fusion.statistics(*self._gather_items(i_id, stacked, sh, chunk_size))
                 plan, _, _ = self.fusion.solve(flat)
-                for s in range(0, self.n_items, chunk_size):
-                    sl = slice(s, min(s + chunk_size, self.n_items))
-                    items[sl] = self.fusion.fuse(i_id[sl], stacked[:, sl], plan)[0]
+                for s, e in chunks:
+                    block[s:e] = self.fusion.fuse(i_id[s:e], stacked[:, s:e], plan)[0]
             else:
-                for s in range(0, self.n_items, chunk_size):
-                    sl = slice(s, min(s + chunk_size, self.n_items))
-                    part = torch.stack([x[sl] for x in xs]) if xs else i_id.new_zeros((0, sl.stop - s, self.dim))
-                    items[sl] = self.fusion(i_id[sl], part).fused
+                for s, e in chunks:
+                    part = torch.stack([x[s:e] for x in xs]) if xs else i_id.new_zeros((0, e - s, self.dim))
+                    block[s:e] = self.fusion(i_id[s:e], part).fused
+            sh.gather(items, block)
             users = u_id
             if self.use_user_branch:
                 if user_features is None:
                     raise ValueError("the user branch is on: pass user_features")
-                users = u_id + self.user_beta * self.user_encoder.full_graph(user_graph, user_features, self.n_users,
-                                                                             chunk_size)
-            return users, items
+                pref = self.user_encoder.full_graph(user_graph, user_features, self.n_users, chunk_size, shard=sh)
+                if user_ids is not None:
+                    u0, u1 = sh.block(self.n_users, chunk_size)
+                    ids = user_ids.to(torch.int64).to(device)
+                    pref = pref.index_select(0, ids[(ids >= u0) & (ids < u1)] - u0)
+                users = u_id + self.user_beta * pref
+            return users, items[:self.n_items]
         finally:
             self.train(was_training)
+
+    def _gather_items(self, i_id: Tensor, xs: Tensor, sh: RowShard, chunk_size: int) -> tuple[Tensor, Tensor]:
+        """Full [n_items, d] ID view and [M, n_items, d] modality views from this rank's blocks (for
+        the all-item OAT statistics, only needed before the first training step)."""
+        if sh.world_size == 1:
+            return i_id, xs
+        b = sh.block_rows(self.n_items, chunk_size)
+
+        def full(x: Tensor) -> Tensor:
+            blk = x.new_zeros((b, x.shape[1]))
+            blk[:x.shape[0]] = x
+            out = sh.full_buffer(self.n_items, chunk_size, x.shape[1], x.device)
+            sh.gather(out, blk)
+            return out[:self.n_items]
+
+        return full(i_id), torch.stack([full(x) for x in xs.unbind(0)])

@@ -44,3 +44,81 @@ def test_csr_aggregate_empty_relation():
     block = Block({USER: torch.arange(3), ITEM: torch.arange(4)}, {USER: 3, ITEM: 0},
                   {ITEM_TO_USER: torch.empty((2, 0), dtype=torch.int64)}, {ITEM_TO_USER: None})
     assert torch.equal(aggregate(block, ITEM_TO_USER, torch.ones(4, 2)), torch.zeros(3, 2))
+
+
+# ------------------------------------------------------------------------------------------
+# Full-graph LightGCN: the memory-lean pass against the straightforward one it replaced
+
+from goat_dist.graph.csr import CSR  # noqa: E402
+from goat_dist.model.lightgcn import csr_norm_values, csr_rows_spmm, csr_spmm, full_graph_lightgcn  # noqa: E402
+
+
+def _dense(csr):
+    """The normalised adjacency as a dense float64 matrix."""
+    a = torch.zeros(csr.n_rows, csr.n_cols, dtype=torch.float64)
+    rows = torch.repeat_interleave(torch.arange(csr.n_rows), csr.degrees())
+    a.index_put_((rows, csr.indices.to(torch.int64)), csr_norm_values(csr).to(torch.float64), accumulate=True)
+    return a
+
+
+def _reference_full_graph(user_items, item_users, table_u, table_i, num_layers):
+    """The obvious LightGCN in float64: dense normalised adjacency matmuls, fresh layer tensors."""
+    a_ui, a_iu = _dense(user_items), _dense(item_users)
+    h_u, h_i = table_u.double(), table_i.double()
+    acc_u, acc_i = h_u.clone(), h_i.clone()
+    for _ in range(num_layers):
+        h_u, h_i = a_ui @ h_i, a_iu @ h_u
+        acc_u, acc_i = acc_u + h_u, acc_i + h_i
+    return acc_u / (num_layers + 1), acc_i / (num_layers + 1)
+
+
+def _random_graph(n_users, n_items, n_edges, seed, empty_users=(), empty_items=()):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randint(0, n_users, (n_edges,), generator=g)
+    i = torch.randint(0, n_items, (n_edges,), generator=g)
+    keep = ~torch.isin(u, torch.tensor(list(empty_users), dtype=torch.int64)) & \
+        ~torch.isin(i, torch.tensor(list(empty_items), dtype=torch.int64))
+    u, i = u[keep], i[keep]
+    ui = CSR.from_edges(u.numpy(), i.numpy(), n_users, n_items)
+    iu = CSR.from_edges(i.numpy(), u.numpy(), n_items, n_users)
+    return ui, iu
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 65536])
+@pytest.mark.parametrize("num_layers", [0, 1, 3])
+def test_full_graph_lightgcn_lean_matches_reference(chunk_size, num_layers):
+    n_users, n_items, d = 257, 130, 16
+    ui, iu = _random_graph(n_users, n_items, 1500, seed=chunk_size + num_layers, empty_users=(0, 100, 256),
+                           empty_items=(5, 129))
+    g = torch.Generator().manual_seed(1)
+    table_u, table_i = torch.randn(n_users, d, generator=g), torch.randn(n_items, d, generator=g)
+    calls = []
+
+    def lookup(t, ids):
+        calls.append(ids.numel())
+        assert ids.numel() <= chunk_size
+        return (table_u if t == "user" else table_i)[ids]
+
+    ref_u, ref_i = _reference_full_graph(ui, iu, table_u, table_i, num_layers)
+    got_u, got_i = full_graph_lightgcn(ui, iu, lookup, num_layers, d, chunk_size=chunk_size)
+    assert got_u.dtype == torch.float32 and got_u.shape == (n_users, d) and got_i.shape == (n_items, d)
+    torch.testing.assert_close(got_u.double(), ref_u, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got_i.double(), ref_i, atol=1e-6, rtol=1e-6)
+    assert sum(calls) == n_users + n_items
+    # a user subset (any order, repeats): the same rows, bit for bit
+    ids = torch.tensor([256, 3, 0, 3, 200, 17])
+    sub_u, sub_i = full_graph_lightgcn(ui, iu, lookup, num_layers, d, chunk_size=chunk_size, user_ids=ids)
+    assert torch.equal(sub_u, got_u[ids]) and torch.equal(sub_i, got_i)
+
+
+def test_csr_spmm_rows_and_out_buffer():
+    ui, _ = _random_graph(300, 90, 2000, seed=3, empty_users=range(40, 60))
+    h = torch.randn(95, 8)  # padded: more rows than the CSR has columns
+    full = csr_spmm(ui, h, chunk_size=32)
+    ref = _dense(ui) @ h[:90].double()
+    torch.testing.assert_close(full.double(), ref, atol=1e-6, rtol=1e-6)
+    out = torch.full((200, 8), float("nan"))
+    part = csr_spmm(ui, h, chunk_size=13, out=out, rows=(35, 170))
+    assert part.data_ptr() == out.data_ptr() and torch.equal(part, full[35:170])  # empty rows zeroed
+    ids = torch.tensor([299, 45, 0, 45, 120])
+    assert torch.equal(csr_rows_spmm(ui, ids, h, chunk_size=2), full[ids])

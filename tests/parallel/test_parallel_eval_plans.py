@@ -28,10 +28,12 @@ def fit_body(rank, world_size, cfg, run_dir):
         trainer.close()
 
 
-def test_distributed_eval_equals_single_process_eval_exactly(tmp_path):
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_distributed_eval_equals_single_process_eval_exactly(tmp_path, world_size):
+    """Row-sharded representations (uneven blocks for W = 3), batches straddling the user blocks."""
     cfg = tiny_cfg(tmp_path, 24, "train.max_steps=0", "train.epochs=2", "eval.batch_size=7")
     single_process_run(cfg, tmp_path / "prep", 1)  # generate the data and the graph cache once
-    results = run_distributed(fit_body, 2, cfg, tmp_path / "w2")
+    results = run_distributed(fit_body, world_size, cfg, tmp_path / "w2")
     ref = Trainer(cfg, tmp_path / "single").build()
     try:
         ref.model.load_state_dict(results[0]["state"])
