@@ -111,6 +111,16 @@ BENCHMARKS = ("sampler", "sinkhorn", "train", "comm")
 """``goat bench all`` runs these in this order (``--quick``: a small version of each)."""
 
 
+def _bench_argv(name: str, rest: list[str]) -> list[str]:
+    """``--quick`` runs never overwrite the full results: without an explicit ``--json`` they write
+    ``benchmarks/results/bench_<name>_quick.json`` (+ PNG)."""
+    if "--quick" in rest and not any(a == "--json" or a.startswith("--json=") for a in rest):
+        from benchmarks.harness import RESULTS_DIR
+
+        return [*rest, "--json", str(RESULTS_DIR / f"bench_{name}_quick.json")]
+    return list(rest)
+
+
 def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     import importlib
 
@@ -118,7 +128,7 @@ def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     code = 0
     for name in names:
         module = importlib.import_module(f"benchmarks.bench_{name}")
-        code |= int(module.main(rest) or 0)
+        code |= int(module.main(_bench_argv(name, rest)) or 0)
     return code
 
 

@@ -118,3 +118,12 @@ def test_bench_train_quick_end_to_end(tmp_path):
         assert c["triples_per_s"] > 0 and all(c["breakdown_s"][p] >= 0 for p in bench_train.PHASES)
         assert all(r > 0 for r in c["peak_rss_mb_per_rank"])
     assert out.with_suffix(".png").exists()
+
+
+def test_quick_runs_never_overwrite_full_results():
+    from goat_dist import cli
+
+    argv = cli._bench_argv("sinkhorn", ["--quick"])
+    assert argv[:2] == ["--quick", "--json"] and argv[2].endswith("results/bench_sinkhorn_quick.json")
+    assert cli._bench_argv("sampler", ["--quick", "--json", "x.json"]) == ["--quick", "--json", "x.json"]
+    assert cli._bench_argv("train", ["--steps", "3"]) == ["--steps", "3"]
