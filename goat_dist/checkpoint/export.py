@@ -249,6 +249,10 @@ def export_model(model: RecGOAT, inputs: Any, cfg: Config, out_url: str, *, fais
         "faiss": faiss_meta,
         "files": files,
     }
+    for name in (USER_IDS, ITEM_IDS, COLD_START, FAISS_INDEX):  # left over from an earlier export here
+        if name not in files and exists(join(out_url, name)):
+            fs, path = fs_and_path(join(out_url, name))
+            fs.rm(path)
     manifest = write_manifest(out_url, manifest)
     log.info("exported %d users, %d items (d=%d) to %s in %.1fs (representations %.1fs); files: %s",
              user_np.shape[0], item_np.shape[0], user_np.shape[1], out_url, time.perf_counter() - t0, t_reps - t0,

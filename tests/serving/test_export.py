@@ -102,6 +102,9 @@ def test_faiss_flat_equals_exact_and_ivf_with_all_lists(trained, bundle, tmp_pat
     assert manifest["faiss"]["nlist"] == 4
     ivf = Retriever.load(str(tmp_path / "ivf"))
     np.testing.assert_array_equal(ivf.recommend(users, k=15, exact=False)[0], exact_items)
+    # re-exporting into the same folder without an index leaves no stale index behind
+    export_model(trained.model, trained, trained.cfg, str(tmp_path / "ivf"))
+    assert not (tmp_path / "ivf" / "items.faiss").exists() and Retriever.load(str(tmp_path / "ivf")).index is None
 
 
 def test_approximate_pads_when_too_few_candidates(trained, bundle):
