@@ -13,8 +13,13 @@ A cold item is the model's item computation for a node that is isolated in every
     item    = out(w_0 x_id^ + sum_m w_m a_m)                     (``OATFusion.fuse``; out = identity,
                                                                   or normalize(LayerNorm(.)))
 
-Imputing x_id (rather than using 0) keeps cold items on the same scale as trained items, so they
-compete in one catalogue; without normalisation the result simplifies to x_id^ itself.
+Without normalisation the result simplifies to x_id^ itself. It lives on the scale of the aligned
+modality views, which need not be the trained items' (on the synthetic data its norm is ~3.7x a
+trained item's, so new items crowd the top of a mixed catalogue; with x_id = 0 it shrinks by sum_m w_m
+and they never surface). The export therefore also records ``calibration_scale`` s = <E, I> / <E, E>,
+the least-squares fit of the existing items' cold embeddings E onto their trained rows I;
+``Retriever.embed_items(..., calibrated=True)`` returns s * item. Measured trade-offs:
+``benchmarks/results/cold_start.json``.
 
 Parameters live in ``cold_start.safetensors`` under ``<modality>/proj.weight``, ``<modality>/proj.bias``,
 ``<modality>/gat<l>.weight`` (heads averaged), ``<modality>/gat<l>.bias``, ``<modality>/align`` and
