@@ -241,12 +241,8 @@ def train_worker(config: dict[str, Any]) -> None:
                            f"{ctx.get_world_rank()}/{ctx.get_world_size()}")
     trainer = DistributedTrainer(cfg, run_dir, env).build()
     try:
-        if hasattr(trainer, "resume"):
-            resumed = bool(trainer.resume("latest"))
-            trainer.add_checkpoint_listener(_ray_reporter(env.rank))
-        else:  # TEMPORARY until engine checkpointing lands: a restart starts again from step 0
-            log.warning("this engine has no resume(): a restarted worker group starts from step 0")
-            resumed = False
+        resumed = bool(trainer.resume("latest"))  # False on a fresh run: no complete checkpoint yet
+        trainer.add_checkpoint_listener(_ray_reporter(env.rank))
         _record_worker(run_dir, env.rank, env.world_size, trainer.state.step, resumed)
         if resumed:
             log.info("resumed from the newest complete checkpoint: step %d, epoch %d", trainer.state.step,

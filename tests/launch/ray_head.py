@@ -68,8 +68,11 @@ class RayHead:
                                                  "agent_listen", "agent_grpc", "metrics", "runtime_env")}
         self.worker_ports = _free_port_range()
         self.token = secrets.token_hex(24) if token_auth else None
-        env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # PATH stays as it is: the venv's own `ninja` hashes build commands differently from the
+        # system one, so a worker finding it first would rebuild DeepSpeed's JIT op in the shared
+        # torch_extensions cache (minutes) and every later plain run would rebuild it back. Jobs name
+        # the venv's python by its absolute path instead.
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
         env.pop("RAY_ADDRESS", None)
         if token_auth:
