@@ -32,7 +32,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_train import ROOT, case_overrides, dataset_for, launch
+from benchmarks.bench_train import ROOT, SIZES, case_overrides, dataset_for, launch
 from benchmarks.harness import RESULTS_DIR, append_result_row, machine_info, plot_grouped, write_json
 from goat_dist.log import get_logger, setup_logging
 from goat_dist.parallel.cost_model import Network, StepShape, predict_bytes, project, shape_at
@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json == str(RESULTS_DIR / "bench_comm.json"):
             args.json = str(RESULTS_DIR / "bench_comm_quick.json")
     machine, load_start = machine_info(), os.getloadavg()
+    if args.size not in SIZES:
+        raise SystemExit(f"goat bench comm: --size must be one of {', '.join(SIZES)} (world size 2 holds the "
+                         f"dataset twice; the external 200M dataset does not fit twice in this machine's memory)")
     where = dataset_for(args.size)
     if where is None:
         raise SystemExit(f"goat bench comm: dataset for {args.size} not ready")

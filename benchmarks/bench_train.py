@@ -1,8 +1,10 @@
 """End-to-end training throughput of RecGOAT with a step-time breakdown and peak RSS per rank.
 
 Cases: synthetic datasets (two item modalities + user profiles, ``goat_dist.data.synth.generate``)
-of 1M and 10M interactions (``--sizes``; 100M/200M read the scale run's dataset read-only when it
-exists and is marked READY, see ``EXTERNAL``), each trained by
+of 1M and 10M interactions (``--sizes``; ``200m`` reads the scale run's dataset and graph cache
+read-only with its config ``configs/scale_200m.yaml``, only when the folder holds ``READY``, and
+only at world size 1: two ranks each holding the 200M graph do not fit in 24 GB; see ``EXTERNAL``),
+each trained by
 
 - ``Trainer`` (world size 1, the single-process engine),
 - ``DistributedTrainer`` at world size 1 and 2 (torchrun, gloo, TorchRec row-wise tables, DeepSpeed
@@ -58,17 +60,21 @@ SIZES: dict[str, dict[str, int]] = {
     "10m": {"users": 100_000, "items": 20_000, "interactions": 10_000_000},
 }
 SYNTH = {"modalities": {"image": 64, "text": 48}, "user_profiles": 32, "seed": 0}
-EXTERNAL = {"200m": Path("/work/scale/synth200m")}
-"""Datasets made by the scale run (read-only; used when ``READY`` exists in the folder)."""
+EXTERNAL: dict[str, dict[str, Any]] = {
+    "200m": {"path": Path("/work/scale/synth200m"), "config": "configs/scale_200m.yaml", "plan": [("single", 1)]}}
+"""Datasets made by the scale run (read-only; used when ``READY`` exists in the folder), the config
+whose graph settings and cache they were built with, and the (trainer, world size) cases that fit."""
+BASE_CONFIG = "configs/synthetic.yaml"
 PHASES = ("sampling", "lookup", "dense_fwd_bwd", "ot", "infonce", "optimiser")
 
 
 # ------------------------------------------------------------------------------------------------
 # Config of a case
 
-def case_overrides(size: str, data_path: Path, cache_dir: Path, batch: int, extra: list[str]) -> list[str]:
+def case_overrides(size: str, data_path: Path, cache_dir: Path | None, batch: int, extra: list[str]) -> list[str]:
     synth = {**SIZES.get(size, {}), **SYNTH}
-    sets = [f"data.path={data_path}", f"graph.cache_dir={cache_dir}", f"train.batch_size={batch}",
+    sets = [f"data.path={data_path}"] + ([f"graph.cache_dir={cache_dir}"] if cache_dir else []) + [
+            f"train.batch_size={batch}",
             "train.num_threads=1", "train.epochs=1000", "log.tensorboard=false", "log.every_steps=1000000",
             "sampling.num_workers=0", "dist.backend=gloo"]
     if size in SIZES:
@@ -76,16 +82,17 @@ def case_overrides(size: str, data_path: Path, cache_dir: Path, batch: int, extr
     return sets + list(extra)
 
 
-def dataset_for(size: str) -> tuple[Path, Path] | None:
-    """(data folder, graph cache dir) of a size; None when an external dataset is not ready."""
+def dataset_for(size: str) -> tuple[Path, Path | None] | None:
+    """(data folder, graph cache dir or None = the config's) of a size; None when an external
+    dataset is not ready."""
     if size in SIZES:
         return DATA_ROOT / f"synth{size}", DATA_ROOT / "cache"
     ext = EXTERNAL.get(size)
     if ext is None:
         raise ValueError(f"unknown size {size!r} (have {', '.join([*SIZES, *EXTERNAL])})")
-    if not (ext / "READY").exists():
+    if not (ext["path"] / "READY").exists():
         return None
-    return ext, ext.parent / (ext.name + "_cache")
+    return ext["path"], None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,7 +203,7 @@ def worker(args: argparse.Namespace) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from goat_dist.config import load_config
 
-    cfg = load_config(str(ROOT / "configs" / "synthetic.yaml"), args.set or [])
+    cfg = load_config(str(ROOT / args.config), args.set or [])
     t0 = time.perf_counter()
     if args.trainer == "prepare":
         from goat_dist.engine.trainer import Trainer
@@ -292,13 +299,13 @@ def worker(args: argparse.Namespace) -> int:
 # Parent side: launch cases, aggregate
 
 def launch(trainer: str, world: int, sets: list[str], out: Path, steps: int, warmup: int, meter: bool = False,
-           timeout: float = 3600.0) -> list[dict[str, Any]]:
+           timeout: float = 3600.0, config: str = BASE_CONFIG) -> list[dict[str, Any]]:
     """Run one case in fresh processes (torchrun for the DistributedTrainer); return every rank's JSON."""
     out.mkdir(parents=True, exist_ok=True)
     for f in out.glob("rank*.json"):
         f.unlink()
     wargs = ["-m", "benchmarks.bench_train", "--worker", "--trainer", trainer, "--out", str(out),
-             "--steps", str(steps), "--warmup", str(warmup)] + (["--meter"] if meter else [])
+             "--steps", str(steps), "--warmup", str(warmup), "--config", config] + (["--meter"] if meter else [])
     for s in sets:
         wargs += ["--set", s]
     if trainer == "dist":
@@ -343,33 +350,35 @@ def summarise(ranks: list[dict[str, Any]]) -> dict[str, Any]:
 def run_size(size: str, args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     where = dataset_for(size)
     if where is None:
-        log.warning("size %s: %s/READY does not exist yet: skipped", size, EXTERNAL[size])
-        return [{"size": size, "skipped": f"{EXTERNAL[size]}/READY missing"}]
+        log.warning("size %s: %s/READY does not exist yet: skipped", size, EXTERNAL[size]["path"])
+        return [{"size": size, "skipped": f"{EXTERNAL[size]['path']}/READY missing"}]
     data, cache = where
+    config = EXTERNAL[size]["config"] if size in EXTERNAL else BASE_CONFIG
     sets = case_overrides(size, data, cache, args.batch, args.set or [])
     cases: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    prep = launch("prepare", 1, sets, workdir / size / "prepare", 0, 0)[0]
+    prep = launch("prepare", 1, sets, workdir / size / "prepare", 0, 0, config=config)[0]
     log.info("size %s: data + graphs ready in %.0fs (%d users, %d items, %d train interactions)", size,
              time.perf_counter() - t0, prep["n_users"], prep["n_items"], prep["n_train"])
-    plan = [("single", 1), ("dist", 1), ("dist", 2)]
+    plan = EXTERNAL[size]["plan"] if size in EXTERNAL else [("single", 1), ("dist", 1), ("dist", 2)]
     for trainer, W in plan:
-        ranks = launch(trainer, W, sets, workdir / size / f"{trainer}_w{W}", args.steps, args.warmup)
+        ranks = launch(trainer, W, sets, workdir / size / f"{trainer}_w{W}", args.steps, args.warmup, config=config)
         c = {"size": size, "trainer": "Trainer" if trainer == "single" else "DistributedTrainer",
              "fanouts": "config", **summarise(ranks), "prepare": {"seconds": prep["build_s"],
                                                                   "peak_rss_mb": prep["peak_rss_mb"]}}
         cases.append(c)
         log.info("%s %s W=%d: %.0f triples/s, step %.3fs, peak RSS %s MB", size, c["trainer"], W,
                  c["triples_per_s"], c["step_wall_s"], c["peak_rss_mb_per_rank"])
-    base = next(c for c in cases if c["trainer"] == "DistributedTrainer" and c["world_size"] == 1)
+    base = next((c for c in cases if c["trainer"] == "DistributedTrainer" and c["world_size"] == 1), None)
     for c in cases:
-        if c["trainer"] == "DistributedTrainer" and c["world_size"] == 2:
+        if base is not None and c["trainer"] == "DistributedTrainer" and c["world_size"] == 2:
             c["baseline"] = "DistributedTrainer world size 1, same data and per-rank batch"
             c["ratio"] = c["triples_per_s"] / base["triples_per_s"]
             c["scaling_efficiency"] = c["ratio"] / 2
     if args.full_fanout_baseline and size == args.full_fanout_baseline:
         steps = max(3, args.steps // 4)
-        ranks = launch("single", 1, sets + ["sampling.fanouts=-1"], workdir / size / "single_full", steps, 1)
+        ranks = launch("single", 1, sets + ["sampling.fanouts=-1"], workdir / size / "single_full", steps, 1,
+                       config=config)
         c = {"size": size, "trainer": "Trainer", "fanouts": "-1 (full neighbourhood)", **summarise(ranks)}
         sampled = cases[0]
         sampled["baseline"] = "same Trainer at sampling.fanouts=-1 (full neighbourhood)"
@@ -384,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trainer", default="single", choices=["single", "dist", "prepare"], help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--meter", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--config", default=BASE_CONFIG, help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="one small dataset (100k interactions), 5 steps")
     ap.add_argument("--sizes", default="1m,10m", help="comma list of " + ", ".join([*SIZES, *EXTERNAL]))
     ap.add_argument("--steps", type=int, default=20)
@@ -409,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         cases += run_size(size, args, Path(args.workdir))
     payload = {"benchmark": "train", "inputs": {"sizes": args.sizes, "steps": args.steps, "warmup": args.warmup,
                                                 "batch_per_rank": args.batch, "synth": SYNTH,
-                                                "size_table": SIZES, "config": "configs/synthetic.yaml",
+                                                "size_table": SIZES, "config": BASE_CONFIG,
+                                                "external": {k: {**v, "path": str(v["path"])} for k, v in
+                                                             EXTERNAL.items()},
                                                 "overrides": args.set or []},
                "machine": machine, "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
                "phases": list(PHASES), "cases": cases,
