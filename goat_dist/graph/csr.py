@@ -268,6 +268,45 @@ class CSR:
         indptr, indices, out_vals = _sort_dedup_rows(indptr, indices, out_vals, n_cols, chunk)
         return cls(indptr, indices, n_cols, out_vals)
 
+    def khop_subgraph(self, seeds: torch.Tensor, hops: int) -> tuple[torch.Tensor, "CSR"]:
+        """The ``hops``-hop in-neighbourhood of ``seeds`` (square graph: rows and columns are one node
+        set), relabelled to local ids, for computing ``hops`` layers of message passing at the seeds
+        without the full graph.
+
+        Returns ``(nodes, local)``: ``nodes`` [n_local] int64 global ids, the seeds first (in the
+        given order, which must be duplicate-free), then each hop's new nodes ascending; ``local``
+        [n_local, n_local] CSR over local ids holding the FULL rows (values dropped) of every node
+        within ``hops - 1`` hops of the seeds and empty rows for the outermost hop -- exactly what
+        ``hops`` layers at the seeds read."""
+        if self.n_rows != self.n_cols:
+            raise ValueError(f"khop_subgraph needs a square graph, got {self.n_rows} x {self.n_cols}")
+        seeds = seeds.to(torch.int64)
+        nodes = [seeds]
+        known = torch.zeros(self.n_rows, dtype=torch.bool)
+        known[seeds] = True
+        if int(known.sum()) != seeds.numel():
+            raise ValueError("khop_subgraph: seeds must be distinct")
+        frontier, full_rows = seeds, []
+        for _ in range(hops):
+            full_rows.append(frontier)
+            deg = self.indptr[frontier + 1] - self.indptr[frontier]
+            pos = torch.repeat_interleave(self.indptr[frontier] - (torch.cumsum(deg, 0) - deg), deg) + \
+                torch.arange(int(deg.sum()), dtype=torch.int64)
+            nbr = torch.unique(self.indices[pos].to(torch.int64))
+            frontier = nbr[~known[nbr]]
+            known[frontier] = True
+            nodes.append(frontier)
+        nodes_t = torch.cat(nodes)
+        local_of = torch.full((self.n_rows,), -1, dtype=torch.int64)
+        local_of[nodes_t] = torch.arange(nodes_t.numel())
+        rows_g = torch.cat(full_rows) if full_rows else torch.zeros(0, dtype=torch.int64)
+        deg = self.indptr[rows_g + 1] - self.indptr[rows_g]
+        pos = torch.repeat_interleave(self.indptr[rows_g] - (torch.cumsum(deg, 0) - deg), deg) + \
+            torch.arange(int(deg.sum()), dtype=torch.int64)
+        src = torch.repeat_interleave(local_of[rows_g], deg)
+        dst = local_of[self.indices[pos].to(torch.int64)]
+        return nodes_t, CSR.from_edges(src, dst, nodes_t.numel(), nodes_t.numel())
+
     def transpose(self, chunk: int = CHUNK) -> "CSR":
         """The CSR of the transposed graph (columns become rows), values carried along.
 

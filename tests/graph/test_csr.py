@@ -117,3 +117,26 @@ def test_from_edge_chunks_rejects_bad_streams():
     ok = torch.tensor([1, 2, 0])
     with pytest.raises(ValueError, match="expected nnz=4"):
         CSR.from_edge_chunks(lambda: iter([(rows, ok, None)]), 3, 3, 4, False)
+
+
+@pytest.mark.parametrize("hops", [1, 2])
+def test_khop_subgraph_against_bruteforce(hops):
+    rng = np.random.default_rng(5 + hops)
+    n = 80
+    rows, cols = rng.integers(0, n, 240), rng.integers(0, n, 240)
+    g = CSR.from_edges(np.concatenate([rows, np.arange(n)]), np.concatenate([cols, np.arange(n)]), n, n)
+    adj = rows_of(g)
+    seeds = torch.tensor([17, 3, 42])
+    nodes, local = g.khop_subgraph(seeds, hops)
+    assert nodes[:3].tolist() == [17, 3, 42] and len(set(nodes.tolist())) == nodes.numel()
+    dist = {int(s): 0 for s in seeds}
+    for h in range(hops):
+        for v in [v for v, d in dist.items() if d == h]:
+            for u in adj[v]:
+                dist.setdefault(u, h + 1)
+    assert set(nodes.tolist()) == set(dist)
+    for i, v in enumerate(nodes.tolist()):
+        got = sorted(nodes[local.indices[local.indptr[i]:local.indptr[i + 1]].long()].tolist())
+        assert got == (adj[v] if dist[v] < hops else [])
+    with pytest.raises(ValueError, match="distinct"):
+        g.khop_subgraph(torch.tensor([1, 1]), 1)
