@@ -240,6 +240,67 @@ def _check_values(state_dict: dict, prefix: str = "") -> None:
                                   "it (e.g. numpy arrays to tensors)")
 
 
+def _replicated_digests(state_dict: dict, prefix: str = "") -> dict[str, str]:
+    """``{dotted key: sha256}`` of every value DCP treats as replicated (everything but DTensor /
+    ShardedTensor): plain tensors by dtype, shape and bytes, other values by ``repr``."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, str] = {}
+    for key, value in state_dict.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_replicated_digests(value, f"{name}."))
+        elif isinstance(value, (DTensor, ShardedTensor)) or hasattr(value, "load_state_dict"):
+            continue
+        elif isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool
+                         else t.to(torch.uint8).numpy().tobytes())
+            out[name] = h.hexdigest()
+        else:
+            out[name] = hashlib.sha256(repr(value).encode()).hexdigest()
+    return out
+
+
+def _agree_on_inputs(step: int, state_dict: dict, root: str, process_group, check_replicated: bool) -> None:
+    """COLLECTIVE: every rank raises the same CheckpointError if any rank's input is bad (so no rank
+    is left waiting in a later collective), if the ranks pass different steps, or (with
+    ``check_replicated``) if a key that is not sharded holds different values on different ranks:
+    DCP keeps ONE copy of such a key, so the other ranks' values would be lost silently; per-rank
+    values belong under per-rank keys (``rng/rank{r}``)."""
+    try:
+        _check_values(state_dict)
+        mine: tuple[str | None, int, dict | None] = (
+            None, step, _replicated_digests(state_dict) if check_replicated else None)
+    except CheckpointError as e:
+        mine = (str(e), step, None)
+    if not _dist_on():
+        if mine[0] is not None:
+            raise CheckpointError(mine[0])
+        return
+    world = dist.get_world_size(process_group)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine, group=process_group)
+    errors = [f"rank {r}: {g[0]}" for r, g in enumerate(gathered) if g[0] is not None]
+    if errors:
+        raise CheckpointError("; ".join(errors))
+    steps = sorted({g[1] for g in gathered})
+    if len(steps) > 1:
+        raise CheckpointError(f"checkpoint root {root}: the ranks passed different steps {steps}")
+    if check_replicated:
+        digests = [g[2] for g in gathered]
+        differ = sorted(k for k in set().union(*digests) if len({d[k] for d in digests if k in d}) > 1)
+        if differ:
+            shown = ", ".join(differ[:10]) + (f" (+{len(differ) - 10} more)" if len(differ) > 10 else "")
+            raise CheckpointError(f"checkpoint root {root}: these keys are neither sharded (DTensor/ShardedTensor) "
+                                  f"nor equal on every rank, and DCP would keep only one rank's value: {shown}; "
+                                  "put per-rank values under per-rank keys (e.g. 'rng/rank{r}'), or pass "
+                                  "check_replicated=False")
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -471,8 +532,8 @@ class CheckpointStore:
         for rel in rels:
             try:
                 out[rel] = self._sha256(name, rel)
-            except OSError as e:
-                return f"checkpoint {join_url(self.root, name)}: cannot read {rel}: {e}"
+            except Exception as e:
+                return f"checkpoint {join_url(self.root, name)}: cannot read {rel}: {type(e).__name__}: {e}"
         return out
 
     def _collective_hashes(self, name: str, files: list[tuple[str, int]], process_group) -> dict[str, str] | str:
@@ -594,7 +655,8 @@ class CheckpointStore:
             return _SafeFileSystemReader(self._fs_path(name))
         return _SafeFsspecReader(join_url(self.root, name))
 
-    def save(self, step: int, state_dict: dict, *, extra: dict | None = None, process_group=None) -> str:
+    def save(self, step: int, state_dict: dict, *, extra: dict | None = None, process_group=None,
+             check_replicated: bool = True) -> str:
         """Write checkpoint ``step`` (COLLECTIVE when torch.distributed is initialised).
 
         Every rank passes its own ``state_dict`` (tensors, ShardedTensor/DTensor, nested dicts, plain
@@ -604,6 +666,10 @@ class CheckpointStore:
         atomically; barrier; rank 0
         prunes to the newest ``keep`` complete checkpoints and removes incomplete directories older
         than the new one. Returns the checkpoint URL (the same on every rank).
+
+        ``check_replicated``: first compare, across ranks, a sha256 of every value that is not a
+        DTensor/ShardedTensor, and refuse the save (on every rank) if a key differs between ranks:
+        DCP would silently keep only one rank's copy. Costs one hash of those values per rank.
         """
         t0 = time.perf_counter()
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -611,10 +677,10 @@ class CheckpointStore:
         if not isinstance(state_dict, dict):
             raise CheckpointError(f"checkpoint root {self.root}: state_dict must be a dict, got "
                                   f"{type(state_dict).__name__}")
-        _check_values(state_dict)
         on = _dist_on()
         rank = dist.get_rank(process_group) if on else 0
         world = dist.get_world_size(process_group) if on else 1
+        _agree_on_inputs(step, state_dict, self.root, process_group, check_replicated and world > 1)
 
         # 1. rank 0: the directory and extra.json; every rank learns the name, or rank 0's error.
         name, error = None, None
@@ -627,8 +693,8 @@ class CheckpointStore:
                 self._write_plain(name, EXTRA, extra_bytes)
             except (TypeError, ValueError) as e:
                 error = f"checkpoint root {self.root}: extra is not JSON-serialisable: {e}"
-            except OSError as e:
-                error = f"checkpoint root {self.root}: cannot create the checkpoint directory: {e}"
+            except Exception as e:  # any failure here must reach every rank, not leave them waiting
+                error = f"checkpoint root {self.root}: cannot create the checkpoint directory: {type(e).__name__}: {e}"
         name, error = _broadcast((name, error), process_group)
         if error is not None:
             raise CheckpointError(error)
@@ -653,8 +719,8 @@ class CheckpointStore:
                 tmp = sorted(r for r in files if r.endswith(".tmp"))
                 listing = (sorted(files.items()), None if not tmp else
                            f"checkpoint {url}: temporary files left by the writer: {tmp}")
-            except OSError as e:
-                listing = ([], f"checkpoint {url}: cannot list the written files: {e}")
+            except Exception as e:
+                listing = ([], f"checkpoint {url}: cannot list the written files: {type(e).__name__}: {e}")
         listing, error = _broadcast(listing, process_group)
         if error is not None:
             raise CheckpointError(error)
@@ -677,8 +743,8 @@ class CheckpointStore:
                 }
                 manifest["hmac_sha256"] = _hmac(self._key, manifest) if self._key is not None else None
                 self._write_atomic(name, MANIFEST, json.dumps(manifest, sort_keys=True, indent=1).encode("utf-8"))
-            except (CheckpointError, OSError) as e:
-                error = f"checkpoint {url}: writing the manifest failed (left incomplete): {e}"
+            except Exception as e:
+                error = f"checkpoint {url}: writing the manifest failed (left incomplete): {type(e).__name__}: {e}"
         error = _broadcast(error, process_group)
         if error is not None:
             raise CheckpointError(error)
@@ -687,7 +753,7 @@ class CheckpointStore:
         if rank == 0:
             try:
                 self.prune()
-            except OSError as e:  # a failed prune never fails a save that is already complete
+            except Exception as e:  # a failed prune never fails a save that is already complete
                 log.warning("checkpoint root %s: pruning failed: %s", self.root, e)
             size = sum(size for _, size in listing)
             log.info("checkpoint %s: step %d, world %d, %.1f MB, %.2f s (DCP write %.2f s, hashing %.2f s)", url,
@@ -757,6 +823,13 @@ class CheckpointStore:
         found = self._select(url, process_group)
         return None if found is None else (join_url(self.root, found[0]), found[1])
 
+    def _reason(self, e: Exception, what: str | None) -> str:
+        """A refusal message: CheckpointError's own (it names the URL), else naming ``what``."""
+        if isinstance(e, CheckpointError):
+            return str(e)
+        where = join_url(self.root, what) if what and _NAME.match(what) else (what or self.root)
+        return f"checkpoint {where}: {type(e).__name__}: {e}"
+
     def _select(self, url: str | None, process_group) -> tuple[str, dict] | None:
         on = _dist_on()
         rank = dist.get_rank(process_group) if on else 0
@@ -764,8 +837,8 @@ class CheckpointStore:
         if rank == 0:
             try:
                 plan = (*self._candidates(url), None)
-            except (CheckpointError, OSError) as e:
-                plan = ([], True, str(e))
+            except Exception as e:  # every failure on rank 0 must reach every rank (no rank left waiting)
+                plan = ([], True, self._reason(e, url))
         candidates, explicit, error = _broadcast(plan, process_group)
         if error is not None:
             raise CheckpointError(error)
@@ -777,8 +850,8 @@ class CheckpointStore:
                 try:
                     manifest, files, sig = self._deep_plan(name)
                     step1 = ("ok", files)
-                except (CheckpointError, OSError) as e:
-                    step1 = ("fail", str(e))
+                except Exception as e:
+                    step1 = ("fail", self._reason(e, name))
             status, payload = _broadcast(step1, process_group)
             if status == "fail":
                 failures.append(payload)
@@ -794,8 +867,8 @@ class CheckpointStore:
                         if sig is not None:
                             self._verified[name] = sig
                     verdict = (self._read_extra(name, manifest), None)
-                except (CheckpointError, OSError) as e:
-                    verdict = (None, str(e))
+                except Exception as e:
+                    verdict = (None, self._reason(e, name))
             extra, error = _broadcast(verdict, process_group)
             if error is not None:
                 failures.append(error)

@@ -153,3 +153,52 @@ def test_hash_shares_cover_every_file(tmp_path):
     victim.write_bytes(bytes(data))
     msgs = run_distributed(select_body, 2, str(root))
     assert msgs[0] == msgs[1] and f"{shares[1][0]} sha256" in msgs[0]
+
+
+def diverging_body(rank: int, world: int, root: str, check: bool):
+    store = CheckpointStore(root)
+    state = {"dense": {"w": torch.full((3,), float(rank))}, "step": 5, "seen": rank, f"rng/rank{rank}": rank}
+    try:
+        return store.save(1, state, check_replicated=check)
+    except CheckpointError as e:
+        return str(e)
+
+
+@pytest.mark.dist
+def test_values_differing_across_ranks_under_one_key_are_refused(tmp_path):
+    root = tmp_path / "ck"
+    msgs = run_distributed(diverging_body, 2, str(root), True)
+    assert msgs[0] == msgs[1] and "only one rank's value: dense.w, seen;" in msgs[0]
+    assert CheckpointStore(str(root)).select() is None      # nothing was written
+    # what the check prevents: without it, DCP keeps ONE rank's value per key (not even the same
+    # rank for every key: this run kept w of rank 0 and seen of rank 1); the other is lost
+    url = run_distributed(diverging_body, 2, str(root), False)[0]
+    t = {"dense": {"w": torch.zeros(3)}, "seen": -1}
+    CheckpointStore(str(root)).load(url, t)
+    assert t["seen"] in (0, 1) and any(torch.equal(t["dense"]["w"], torch.full((3,), float(r))) for r in (0, 1))
+
+
+def bad_input_body(rank: int, world: int, root: str, kind: str):
+    store = CheckpointStore(root)
+    state = {"x": torch.ones(2)}
+    step = 3
+    if kind == "value" and rank == 1:
+        import numpy as np
+
+        state["rng/rank1"] = np.zeros(2)        # only rank 1 has a bad value
+    if kind == "step":
+        step = 3 + rank
+    try:
+        return store.save(step, state)
+    except CheckpointError as e:
+        return str(e)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind, reason", [("value", "rank 1: .*'rng/rank1': ndarray"),
+                                          ("step", r"different steps \[3, 4\]")])
+def test_bad_input_on_one_rank_fails_every_rank(tmp_path, kind, reason):
+    import re
+
+    msgs = run_distributed(bad_input_body, 2, str(tmp_path / "ck"), kind)   # no hang: both ranks return
+    assert msgs[0] == msgs[1] and re.search(reason, msgs[0])
