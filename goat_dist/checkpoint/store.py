@@ -396,7 +396,7 @@ class CheckpointStore:
             raise CheckpointError(f"checkpoint {url}: {MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
         try:
             manifest = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting
             raise CheckpointError(f"checkpoint {url}: {MANIFEST} is not valid JSON ({e})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             raise CheckpointError(f"checkpoint {url}: {MANIFEST} is not a {MANIFEST_FORMAT} manifest")
@@ -405,6 +405,8 @@ class CheckpointStore:
         if self._key is not None:
             if not isinstance(tag, str) or not tag:
                 raise CheckpointError(f"checkpoint {url}: {MANIFEST} has no HMAC but a key is set")
+            if _HEX64.match(tag) is None:
+                raise CheckpointError(f"checkpoint {url}: {MANIFEST} HMAC is not 64 hex digits")
             if not hmac.compare_digest(tag, _hmac(self._key, manifest)):
                 raise CheckpointError(f"checkpoint {url}: {MANIFEST} HMAC does not match (tampered, or a "
                                       "different key)")
@@ -895,7 +897,7 @@ class CheckpointStore:
             raise CheckpointError(f"checkpoint {join_url(self.root, name)}: {EXTRA} changed after verification")
         try:
             extra = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting
             raise CheckpointError(f"checkpoint {join_url(self.root, name)}: {EXTRA} is not valid JSON ({e})") from None
         if not isinstance(extra, dict):
             raise CheckpointError(f"checkpoint {join_url(self.root, name)}: {EXTRA} is not a JSON object")
