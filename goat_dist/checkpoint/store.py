@@ -17,22 +17,26 @@ a complete checkpoint or a directory without a manifest, which every reader igno
 save removes. Pruning deletes a checkpoint's manifest first, so a killed prune never leaves a
 directory that looks complete but is not.
 
-Loading verifies the manifest (HMAC, names, the exact file set, sizes, sha256 of every byte) on rank
-0 before DCP opens anything, broadcasts the verdict, and only then lets DCP read. DCP reads its
-``.metadata`` with plain pickle and non-tensor values with ``torch.load(weights_only=False)``; a
-crafted file would execute code, which is why nothing reaches DCP unverified. Beyond that, the reader
-used here unpickles ``.metadata`` with an allow-list of DCP's own metadata classes and loads
-non-tensor values with ``weights_only=True`` (plain Python values: numbers, strings, bytes, None
-and lists/tuples/dicts of them), so even a checkpoint whose manifest an attacker could rewrite
-(no HMAC key) cannot run code at load.
+Loading verifies the checkpoint (HMAC, names, the exact file set, sizes, sha256 of every byte)
+before DCP opens anything: the ranks hash size-balanced shares of the files, group rank 0 decides
+and broadcasts the verdict, so every rank loads or every rank raises the same CheckpointError. DCP
+itself reads its ``.metadata`` with plain pickle and non-tensor values with
+``torch.load(weights_only=False)``: a crafted file would execute code, which is why nothing reaches
+DCP unverified. Beyond that, the reader used here unpickles ``.metadata`` with an allow-list of
+DCP's own metadata classes and loads non-tensor values with ``weights_only=True`` (plain Python
+values: numbers, strings, bytes, None and lists/tuples/dicts of them; :meth:`CheckpointStore.save`
+refuses anything else up front), so even a checkpoint whose manifest an attacker could rewrite (no
+HMAC key) cannot run code at load. Symlinked checkpoint directories or files are refused.
 
 Resharding is DCP's: a checkpoint written by W ranks (plain tensors, ``ShardedTensor``, ``DTensor``)
 loads into any world size, or into one process without a process group; loading a subset of the
-saved keys works. Plain tensors and non-tensor values are treated as replicated: DCP keeps one copy
-per key, so values that differ per rank must live under per-rank keys (``rng/rank0``, ...).
+saved keys works. Plain tensors and non-tensor values are treated as replicated: DCP keeps ONE copy
+per key (not even from the same rank for every key), so values that differ per rank must live under
+per-rank keys (``rng/rank0``, ...); ``save`` compares them across ranks and refuses otherwise.
 
-The root must be storage that every rank sees (a shared filesystem or an object store): rank 0
-hashes files written by the other ranks.
+The root must be storage that every rank sees (a shared filesystem or an object store): ranks hash
+files written by other ranks. One writer per root: pruning removes directories without a manifest
+that are older than the newest complete checkpoint. ``memory://`` is per process (tests, one rank).
 """
 from __future__ import annotations
 

@@ -202,3 +202,24 @@ def test_bad_input_on_one_rank_fails_every_rank(tmp_path, kind, reason):
 
     msgs = run_distributed(bad_input_body, 2, str(tmp_path / "ck"), kind)   # no hang: both ranks return
     assert msgs[0] == msgs[1] and re.search(reason, msgs[0])
+
+
+def subgroup_body(rank: int, world: int, root: str):
+    """Rank 0 alone loads through a one-rank group while rank 1 does something else."""
+    groups = [dist.new_group([r]) for r in range(world)]   # collective: every rank creates every group
+    out = None
+    if rank == 0:
+        store = CheckpointStore(root)
+        target = {"emb": torch.zeros(ROWS, DIM), "cursor/rank1": -1}
+        extra = store.load(None, target, process_group=groups[0])
+        out = (extra, target["emb"], target["cursor/rank1"])
+    dist.barrier()
+    return out
+
+
+@pytest.mark.dist
+def test_load_on_one_rank_through_a_subgroup(tmp_path):
+    root = str(tmp_path / "ck")
+    run_distributed(save_body, 2, root)
+    extra, emb, cursor = run_distributed(subgroup_body, 2, root)[0]
+    assert extra == {"saved_by": 2} and torch.equal(emb, full_table()) and cursor == 1001
