@@ -21,7 +21,8 @@ from ray_head import RayHead, dashboard_deps_missing
 
 REPO = Path(__file__).resolve().parents[2]
 EVERY = 10      # checkpoint every EVERY steps
-KILL_AFTER = 25  # kill once the run has logged a step >= this (a checkpoint at step 20 exists by then)
+KILL_AFTER = 35  # kill once the run has logged a step >= this: the checkpoint at step 30 exists by then and
+                 # holds model-selection state (epoch 0 ends at step 23 with a validation)
 
 
 def tiny_cfg(root: Path, *extra: str):
