@@ -222,3 +222,19 @@ def test_faiss_paths_report_bad_rows_and_zero_rows(caplog):
     g = knn_graph(f, 3, backend="faiss_flat")
     assert "1 of 200 feature rows are all zero" in caplog.text
     assert torch.isfinite(g.values).all()
+
+
+def test_knn_options_resolve_backend_and_cache_key():
+    from goat_dist.config import GraphConfig
+    from goat_dist.graph import knn_options
+    from goat_dist.graph.cache import cache_path
+
+    cfg = GraphConfig(knn_backend="auto", knn_exact_max_rows=100, knn_nprobe=3, knn_ivf_quantizer="hnsw")
+    kw, key = knn_options(cfg, 100)
+    assert kw["backend"] == "exact" and key == {}  # exact keeps the pre-backend cache key
+    kw, key = knn_options(cfg, 1000)
+    assert kw["backend"] == "ivf" and kw["ivf"].nprobe == 3 and kw["ivf"].quantizer == "hnsw"
+    assert key["backend"] == "ivf" and key["nlist"] == round(4 * 1000 ** 0.5) and key["nprobe"] == 3
+    _, flat_key = knn_options(GraphConfig(knn_backend="faiss_flat"), 1000)
+    paths = {str(cache_path("c", "item_knn", {"k": 5, **k})) for k in ({}, key, flat_key)}
+    assert len(paths) == 3
