@@ -758,7 +758,7 @@ class CheckpointStore:
         # 4. rank 0: keep-last-k and stale incomplete directories.
         if rank == 0:
             try:
-                self.prune()
+                self.prune(protect=name)
             except Exception as e:  # a failed prune never fails a save that is already complete
                 log.warning("checkpoint root %s: pruning failed: %s", self.root, e)
             size = sum(size for _, size in listing)
@@ -766,12 +766,13 @@ class CheckpointStore:
                      step, world, size / 1e6, time.perf_counter() - t0, t_write - t0, t_hash - t_write)
         return url
 
-    def prune(self) -> list[str]:
-        """Remove all but the newest ``keep`` complete checkpoints, and directories without a manifest
-        that are older than the newest complete one (failed or killed saves). Directories whose
-        manifest exists but does not verify are left alone (with a warning): they may be evidence, or
-        this process may hold the wrong HMAC key. Returns the removed URLs. Not collective: rank 0
-        calls it from :meth:`save`."""
+    def prune(self, *, protect: str | None = None) -> list[str]:
+        """Remove all but the newest ``keep`` complete checkpoints (by step, then ``.k``), and
+        directories without a manifest that are older than the newest complete one (failed or killed
+        saves). Never removes ``protect`` (the checkpoint :meth:`save` just wrote, even when the root
+        holds higher steps of an earlier run). Directories whose manifest exists but does not verify
+        are left alone (with a warning): they may be evidence, or this process may hold the wrong
+        HMAC key. Returns the removed URLs. Not collective: rank 0 calls it from :meth:`save`."""
         complete, incomplete = [], []
         for order, name in self._entries():
             try:
@@ -789,6 +790,11 @@ class CheckpointStore:
         doomed = [name for order, name in incomplete if order < newest]
         if self.keep > 0:
             doomed += [name for _, name in complete[:-self.keep]]
+        if protect is not None and protect in doomed:
+            doomed.remove(protect)
+            log.warning("checkpoint %s: the root holds %d newer-step checkpoint(s) (newest %s, perhaps from an "
+                        "earlier run): latest() / load('latest') choose those, not this one; give a new run its "
+                        "own checkpoint root", join_url(self.root, protect), len(complete) - 1, complete[-1][1])
         removed = []
         for name in doomed:
             self._remove(name)

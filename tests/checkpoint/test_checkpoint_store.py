@@ -269,3 +269,14 @@ def test_symlinks_are_not_checkpoints(tmp_path):
     os.symlink(tmp_path / "copy", blob)
     with pytest.raises(CheckpointError, match="__0_0.distcp is a symlink"):
         store.verify(url)
+
+
+def test_prune_never_removes_the_checkpoint_just_saved(tmp_path, caplog):
+    store = CheckpointStore(str(tmp_path / "ck"), keep=2)
+    for step in (100, 200):
+        store.save(step, {"x": torch.ones(1)})          # an earlier run's checkpoints
+    with caplog.at_level(logging.WARNING, logger="goat_dist"):
+        url = store.save(10, {"x": torch.zeros(1)})     # a new run restarting at a lower step
+    assert os.path.isdir(url) and store.verify(url)["step"] == 10
+    assert "newer-step checkpoint" in caplog.text and "step-200" in caplog.text
+    assert store.latest().endswith("step-200")
