@@ -1,6 +1,6 @@
 """The ``goat`` command: argument parsing only; every subcommand calls into the package.
 
-    goat train -c CONFIG [--set section.key=value ...] [--run-dir DIR] [--nproc N]
+    goat train -c CONFIG [--set section.key=value ...] [--run-dir DIR] [--nproc N] [--resume latest|URL]
     goat data validate DIR
     goat data synth --users U --items I --interactions E --out DIR [--modalities image:512,text:384]
                     [--user-profiles 384] [--seed S]
@@ -39,6 +39,8 @@ def _torchrun_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--set", item]
     if args.run_dir:
         argv += ["--run-dir", args.run_dir]
+    if args.resume:
+        argv += ["--resume", args.resume]
     return argv
 
 
@@ -49,11 +51,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.nproc < 1:
             raise SystemExit("goat train: --nproc must be >= 1")
         return subprocess.call(_torchrun_argv(args))
+    from goat_dist.checkpoint import CheckpointError
     from goat_dist.config import load_config
     from goat_dist.engine.run import train_main
+    from goat_dist.engine.trainer import NonFiniteError
 
     cfg = load_config(args.config, args.set or [])
-    return train_main(cfg, run_dir=args.run_dir)
+    try:
+        return train_main(cfg, run_dir=args.run_dir, resume=args.resume)
+    except CheckpointError as exc:
+        print(f"goat: checkpoint error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteError as exc:
+        print(f"goat: training stopped: {exc}", file=sys.stderr)
+        return 3
 
 
 def _cmd_data_validate(args: argparse.Namespace) -> int:
@@ -144,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="distributed: spawn N ranks with torchrun (python -m goat_dist.train); "
                         "without it, the single-process trainer")
+    t.add_argument("--resume", default=None, metavar="latest|URL",
+                   help="continue from a checkpoint: 'latest' = the newest complete one under checkpoint.dir "
+                        "(default RUN_DIR/checkpoints; none found = start from scratch), or a checkpoint URL")
     t.set_defaults(func=_cmd_train)
 
     d = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)

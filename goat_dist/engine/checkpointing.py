@@ -85,9 +85,9 @@ def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, py_gauss = random.getstate()
     out = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-           "numpy": [str(kind), int(pos), int(has_gauss), float(gauss)],
-           "python": [int(version), torch.tensor(internal, dtype=torch.int64),
-                      None if py_gauss is None else float(py_gauss)]}
+           "python_internal": torch.tensor(internal, dtype=torch.int64),
+           "scalars": json.dumps({"numpy": [str(kind), int(pos), int(has_gauss), float(gauss)],
+                                  "python": [int(version), None if py_gauss is None else float(py_gauss)]})}
     if torch.cuda.is_available():
         out["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
     return out
@@ -96,11 +96,12 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: Mapping[str, Any]) -> None:
     """Inverse of :func:`rng_state`."""
     torch.set_rng_state(state["torch"].to(torch.uint8))
-    kind, pos, has_gauss, gauss = state["numpy"]
+    scalars = json.loads(state["scalars"])
+    kind, pos, has_gauss, gauss = scalars["numpy"]
     np.random.set_state((kind, state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss),
                          float(gauss)))
-    version, internal, py_gauss = state["python"]
-    random.setstate((int(version), tuple(int(x) for x in internal.tolist()), py_gauss))
+    version, py_gauss = scalars["python"]
+    random.setstate((int(version), tuple(int(x) for x in state["python_internal"].tolist()), py_gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
@@ -191,10 +192,10 @@ def get_dense_state(engine, named: list[tuple[str, torch.nn.Parameter]]) -> dict
             master[name] = p.detach().float().cpu().clone()
             moments[name] = {k: st[k].detach().cpu().clone() for k in keys}
     steps = [float(s["step"]) for s in _inner(opt).state.values() if "step" in s]
-    return {"master": master, "moments": moments, "keys": keys,
+    # plain values as one string / one tensor: DCP may flatten dicts of plain values differently per rank
+    return {"master": master, "moments": moments, "keys": json.dumps(keys),
             "step": torch.tensor(max(steps) if steps else 0.0, dtype=torch.float64),
-            "engine": {"global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples),
-                       "skipped_steps": int(engine.skipped_steps)}}
+            "engine": torch.tensor([int(engine.global_steps), int(engine.global_samples), int(engine.skipped_steps)])}
 
 
 @torch.no_grad()
@@ -207,8 +208,9 @@ def set_dense_state(engine, named: list[tuple[str, torch.nn.Parameter]], state: 
     opt = engine.optimizer
     zero = _is_zero(opt)
     keys = dense_state_keys(engine)
-    if sorted(state["keys"]) != keys:
-        raise ValueError(f"dense optimiser state keys {sorted(state['keys'])} in the checkpoint, {keys} in this "
+    saved_keys = sorted(json.loads(state["keys"]))
+    if saved_keys != keys:
+        raise ValueError(f"dense optimiser state keys {saved_keys} in the checkpoint, {keys} in this "
                          "run's optimiser (train.dense_optimizer changed?)")
     for name, p in named:
         value = state["master"][name]
@@ -227,7 +229,7 @@ def set_dense_state(engine, named: list[tuple[str, torch.nn.Parameter]], state: 
                 s["step"].fill_(float(state["step"]))
             else:
                 s["step"] = int(state["step"])
-    for k, v in state["engine"].items():
+    for k, v in zip(("global_steps", "global_samples", "skipped_steps"), state["engine"].tolist()):
         setattr(engine, k, int(v))
 
 
@@ -235,8 +237,8 @@ def dense_state_target(named: list[tuple[str, torch.nn.Parameter]], keys: list[s
     """Empty tensors shaped like :func:`get_dense_state`'s output, to load a checkpoint into."""
     return {"master": {n: torch.empty(p.shape, dtype=torch.float32) for n, p in named},
             "moments": {n: {k: torch.empty(p.shape, dtype=torch.float32) for k in keys} for n, p in named},
-            "keys": list(keys), "step": torch.zeros((), dtype=torch.float64),
-            "engine": {"global_steps": 0, "global_samples": 0, "skipped_steps": 0}}
+            "keys": json.dumps(list(keys)), "step": torch.zeros((), dtype=torch.float64),
+            "engine": torch.zeros(3, dtype=torch.int64)}
 
 
 # --------------------------------------------------------------------------------------------------

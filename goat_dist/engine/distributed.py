@@ -192,8 +192,13 @@ class DistributedTrainer(Trainer):
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def _checkpoint_layout(self) -> dict:
+        shapes = ckpt.fused_shapes(ckpt.fused_state(self.dmp))
+        if self.world_size > 1:  # table-wise / column-wise: a rank holds the state of its tables only
+            every: list = [None] * self.world_size
+            dist.all_gather_object(every, shapes)
+            shapes = {k: v for d in every for k, v in d.items()}
         return {"trainer": type(self).__name__, "world_size": self.world_size, "sharding": self.cfg.dist.sharding,
-                "sparse_opt": ckpt.fused_shapes(ckpt.fused_state(self.dmp)),
+                "sparse_opt": shapes,
                 "dense_keys": ckpt.dense_state_keys(self.engine) if self.engine is not None else []}
 
     def _training_state(self, layout: dict | None = None) -> dict:
@@ -205,7 +210,7 @@ class DistributedTrainer(Trainer):
         fused = ckpt.fused_state(self.dmp)
         if self.engine is not None:
             ckpt.ensure_dense_state(self.engine)
-        sd = {"model": model, **self.state_dict()}
+        sd = {"model": model, **self._plain_state()}
         if layout is None:  # save
             sd["best_model"] = self._best_model_state if self._best_model_state is not None else model
             sd["optim"] = {"sparse": fused}
@@ -234,6 +239,22 @@ class DistributedTrainer(Trainer):
         if self.rank < int(layout.get("world_size", 1)):
             sd[f"rng/rank{self.rank}"] = ckpt.rng_state()
         return sd
+
+    def _find_checkpoint(self, spec: str) -> tuple[str | None, dict | None]:
+        """Rank 0 finds (and, for "latest", fully verifies) the checkpoint; every rank gets its answer
+        (or its error)."""
+        answer: list = [None]
+        if self.rank == 0:
+            try:
+                answer[0] = ("ok", super()._find_checkpoint(spec))
+            except Exception as exc:  # re-raised on every rank below, so no rank waits forever
+                answer[0] = ("error", exc)
+        if self.world_size > 1:
+            dist.broadcast_object_list(answer, src=0)
+        kind, value = answer[0]
+        if kind == "error":
+            raise value
+        return value
 
     def _apply_loaded(self, sd: dict, layout: dict) -> None:
         for (pk, sk), (target, rows) in self._rowwise_convert.items():

@@ -429,8 +429,14 @@ class Trainer:
             "model": model, "best_model": best,
             "optim": {"sparse": self.sparse_opt.state_dict(),
                       **({"dense": self.dense_opt.state_dict()} if self.dense_opt is not None else {})},
-            **self.state_dict(), f"rng/rank{self.rank}": ckpt.rng_state()}
+            **self._plain_state(), f"rng/rank{self.rank}": ckpt.rng_state()}
         return sd
+
+    def _plain_state(self) -> dict[str, str]:
+        """``state_dict()``'s sections as JSON strings: DCP flattens a dict of plain values into
+        per-key entries on some ranks and keeps it whole on others (seen on gloo, 3 ranks), so
+        every rank stores one string per section instead."""
+        return {k: json.dumps(v) for k, v in self.state_dict().items()}
 
     def _apply_loaded(self, sd: dict[str, Any], layout: dict) -> None:
         """After an in-place load: what does not live in the tensors the load wrote into."""
@@ -455,17 +461,21 @@ class Trainer:
             fn(url, st.step, dict(extra["metrics"]))
         return url
 
-    def _select_checkpoint(self, spec: str):
-        """(store, url, extra) of ``spec`` ("latest" under ``checkpoint.dir``, or a checkpoint URL,
-        loaded through a store rooted at its parent); url None when "latest" finds none."""
+    def _store_for(self, spec: str):
+        """The store to load ``spec`` through: ``checkpoint.dir``'s for "latest", else one rooted at
+        the checkpoint's parent directory."""
         if spec == "latest":
-            store, url = self.store, self.store.latest()
-        else:
-            from goat_dist.checkpoint import CheckpointStore
+            return self.store
+        from goat_dist.checkpoint import CheckpointStore
 
-            parent = spec.rstrip("/").rsplit("/", 1)[0] if "/" in spec.rstrip("/") else "."
-            store, url = CheckpointStore(parent, keep=0), spec.rstrip("/")
-        return store, url, (ckpt.read_extra(url) if url is not None else None)
+        spec = spec.rstrip("/")
+        return CheckpointStore(spec.rsplit("/", 1)[0] if "/" in spec else ".", keep=0)
+
+    def _find_checkpoint(self, spec: str) -> tuple[str | None, dict | None]:
+        """(url, extra) of ``spec``; url None when "latest" finds none. (Rank 0's work: the
+        distributed trainer broadcasts the answer.)"""
+        url = self._store_for(spec).latest() if spec == "latest" else spec.rstrip("/")
+        return url, (ckpt.read_extra(url) if url is not None else None)
 
     def resume(self, spec: str) -> bool:
         """Load the training state of checkpoint ``spec`` (``"latest"``: the newest complete one under
@@ -477,7 +487,7 @@ class Trainer:
         from goat_dist.config import ConfigError
 
         try:
-            store, url, extra = self._select_checkpoint(spec)
+            url, extra = self._find_checkpoint(spec)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {spec!r}: cannot read its extra.json: {exc}") from exc
         if url is None:
@@ -494,9 +504,10 @@ class Trainer:
                                   f"{type(self).__name__} (resume single-process runs with `goat train`, "
                                   f"distributed ones with --nproc / torchrun)")
         sd = self._training_state(layout)
-        store.load(url, sd)
-        self.load_state_dict(sd)
-        self._best_model_state = sd["best_model"] if sd["trainer"]["has_best_model"] else None
+        self._store_for(spec).load(url, sd)
+        plain = {k: json.loads(sd[k]) for k in self.state_dict()}
+        self.load_state_dict(plain)
+        self._best_model_state = sd["best_model"] if plain["trainer"]["has_best_model"] else None
         self._apply_loaded(sd, layout)
         key = f"rng/rank{self.rank}"
         if key in sd:
@@ -544,11 +555,14 @@ class Trainer:
             self._logger.close()
 
 
-def train_main(cfg: Config, run_dir: str | Path | None = None) -> int:
-    """``goat train``: build, fit, print where the results are. Returns the exit code."""
+def train_main(cfg: Config, run_dir: str | Path | None = None, resume: str | None = None) -> int:
+    """``goat train [--resume latest|URL]``: build, (resume,) fit, say where the results are.
+    Returns the exit code."""
     run_dir = Path(run_dir or "runs/default")
     trainer = Trainer(cfg, run_dir).build()
     try:
+        if resume:
+            trainer.resume(resume)
         final = trainer.fit()
     finally:
         trainer.close()

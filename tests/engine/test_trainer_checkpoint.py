@@ -89,3 +89,21 @@ def test_nonfinite_loss_skips_the_step_then_fails(tmp_path, caplog):
     for k, v in t.model.state_dict().items():
         assert torch.equal(v, before[k]), k
     t.close()
+
+
+def test_goat_train_resume_cli(tmp_path, capsys):
+    from goat_dist.cli import main
+    from goat_dist.config import save_config
+
+    config = tmp_path / "cfg.yaml"
+    save_config(tiny_cfg(tmp_path, "checkpoint.every_steps=2", "train.epochs=1"), config)
+    run = str(tmp_path / "run")
+    assert main(["train", "-c", str(config), "--run-dir", run, "--set", "train.max_steps=4"]) == 0
+    assert main(["train", "-c", str(config), "--run-dir", run, "--set", "train.max_steps=6",
+                 "--resume", "latest"]) == 0
+    assert json.loads((tmp_path / "run" / "final.json").read_text())["steps"] == 6
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
+    assert main(["train", "-c", str(config), "--run-dir", run, "--set", "model.dim=4", "--resume", "latest"]) == 2
+    assert "model.dim: 8 -> 4" in capsys.readouterr().err
+    assert main(["train", "-c", str(config), "--run-dir", run, "--resume", f"{run}/checkpoints/step-99"]) == 2
+    assert "step-99" in capsys.readouterr().err
