@@ -232,9 +232,10 @@ def test_knn_options_resolve_backend_and_cache_key():
     cfg = GraphConfig(knn_backend="auto", knn_exact_max_rows=100, knn_nprobe=3, knn_ivf_quantizer="hnsw")
     kw, key = knn_options(cfg, 100)
     assert kw["backend"] == "exact" and key == {}  # exact keeps the pre-backend cache key
-    kw, key = knn_options(cfg, 1000)
+    kw, key = knn_options(cfg, 100_000)
     assert kw["backend"] == "ivf" and kw["ivf"].nprobe == 3 and kw["ivf"].quantizer == "hnsw"
-    assert key["backend"] == "ivf" and key["nlist"] == round(4 * 1000 ** 0.5) and key["nprobe"] == 3
+    assert key["backend"] == "ivf" and key["nlist"] == round(4 * 100_000 ** 0.5) and key["nprobe"] == 3
+    assert knn_options(cfg, 1000)[1]["nlist"] == 1000 // 8  # capped: at least 8 rows per list
     _, flat_key = knn_options(GraphConfig(knn_backend="faiss_flat"), 1000)
     paths = {str(cache_path("c", "item_knn", {"k": 5, **k})) for k in ({}, key, flat_key)}
     assert len(paths) == 3
