@@ -28,18 +28,24 @@ def fit_body(rank, world_size, cfg, run_dir):
         trainer.close()
 
 
+def single_eval_body(rank, world_size, cfg, run_dir, state):
+    ref = Trainer(cfg, run_dir).build()
+    try:
+        ref.model.load_state_dict(state)
+        return ref.evaluate("valid"), ref.evaluate("test")
+    finally:
+        ref.close()
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_distributed_eval_equals_single_process_eval_exactly(tmp_path, world_size):
     """Row-sharded representations (uneven blocks for W = 3), batches straddling the user blocks."""
     cfg = tiny_cfg(tmp_path, 24, "train.max_steps=0", "train.epochs=2", "eval.batch_size=7")
     single_process_run(cfg, tmp_path / "prep", 1)  # generate the data and the graph cache once
     results = run_distributed(fit_body, world_size, cfg, tmp_path / "w2")
-    ref = Trainer(cfg, tmp_path / "single").build()
-    try:
-        ref.model.load_state_dict(results[0]["state"])
-        valid, test = ref.evaluate("valid"), ref.evaluate("test")
-    finally:
-        ref.close()
+    # the reference in a child too: one intra-op thread like the ranks (a GEMM's result can depend on
+    # the thread count, and earlier tests may have changed this process's)
+    valid, test = run_distributed(single_eval_body, 1, cfg, tmp_path / "single", results[0]["state"])[0]
     for res in results:
         assert res["valid"] == valid and res["test"] == test  # exact, every metric
         assert res["final"]["test"] == test  # fit() restored and evaluated the selected model

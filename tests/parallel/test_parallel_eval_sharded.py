@@ -59,24 +59,33 @@ def test_sharded_representations_bit_identical(tmp_path, world_size):
     cfg = tiny_cfg(tmp_path, 16, "eval.user_sample=37", "eval.batch_size=5")
     single_process_run(cfg, tmp_path / "prep", 1)  # data + graph cache once
     results = run_distributed(reps_body, world_size, cfg, tmp_path / "w", 6)
-    ref = Trainer(cfg, tmp_path / "single").build()
+    ref = run_distributed(single_body, 1, cfg, tmp_path / "single", results)[0]  # one thread, like the ranks
+    users = results[0]["users"]
+    for phase in ("before", "after"):
+        ref_u, ref_i = ref[phase]
+        got_u = torch.cat([res[phase][0] for res in results])
+        assert torch.equal(got_u, ref_u[users]), phase  # bit for bit
+        for res in results:
+            assert torch.equal(res[phase][1], ref_i), phase
+    sizes = [res["block"][1] - res["block"][0] for res in results]
+    assert sum(sizes) == ref_i.shape[0] and len(set(sizes)) > 1  # uneven item blocks
+    assert ref["valid"]["n_users"] > 0
+    for res in results:
+        assert res["valid"] == ref["valid"]  # exact, every metric, on the user sample
+
+
+def single_body(rank, world_size, cfg, run_dir, results):
+    """The single-process reference: the same parameters in a plain Trainer."""
+    ref = Trainer(cfg, run_dir).build()
     try:
-        users = results[0]["users"]
         assert ref.model.use_user_branch and len(ref.model.modalities) == 2
+        out = {}
         for phase in ("before", "after"):
             ref.model.load_state_dict(results[0][phase][2])
-            ref_u, ref_i = ref.model.compute_all_representations(
+            out[phase] = ref.model.compute_all_representations(
                 ref.graphs.ui.user_items, ref.graphs.ui.item_users, ref.item_features, ref.user_features,
                 ref.graphs.item_item, ref.graphs.user_user)
-            got_u = torch.cat([res[phase][0] for res in results])
-            assert torch.equal(got_u, ref_u[users]), phase  # bit for bit
-            for res in results:
-                assert torch.equal(res[phase][1], ref_i), phase
-        sizes = [res["block"][1] - res["block"][0] for res in results]
-        assert sum(sizes) == ref.dataset.n_items and len(set(sizes)) > 1  # uneven item blocks
-        valid = ref.evaluate("valid")
-        assert valid["n_users"] > 0
-        for res in results:
-            assert res["valid"] == valid  # exact, every metric, on the user sample
+        out["valid"] = ref.evaluate("valid")
+        return out
     finally:
         ref.close()
