@@ -76,7 +76,8 @@ def _rss_bytes() -> int:
 def run_one(mode: str, data_dir: str, layers: int, user_sample: int, out_path: str) -> None:
     """Child process: load graph + tables, run one contender, write its figures and outputs."""
     torch.set_num_threads(1)
-    d = torch.load(Path(data_dir) / "graph.pt", weights_only=False)
+    with torch.serialization.safe_globals([CSR]):  # graph.pt holds CSR objects; nothing else may unpickle
+        d = torch.load(Path(data_dir) / "graph.pt", weights_only=True)
     ui, iu, tu, ti = d["ui"], d["iu"], d["table_u"], d["table_i"]
     lookup = lambda t, ids: (tu if t == "user" else ti).index_select(0, ids)  # noqa: E731
     users = torch.randperm(ui.n_rows, generator=torch.Generator().manual_seed(0))[:user_sample].sort().values
@@ -133,7 +134,7 @@ def main() -> None:
             out = str(Path(tmp) / f"{mode}.pt")
             subprocess.run([sys.executable, "-m", "benchmarks.bench_full_graph_memory", "--layers", str(a.layers),
                             "--user-sample", str(a.user_sample), "--child", mode, tmp, out], check=True)
-            res[mode] = torch.load(out, weights_only=False)
+            res[mode] = torch.load(out, weights_only=True)
             os.unlink(out)
     ref = res["previous"]
     table_gb = (a.users + a.items) * a.dim * 4 / 1e9
