@@ -277,7 +277,7 @@ class Trainer:
         has_valid = self._split_csr("valid") is not None
         if not has_valid:
             log.warning("no valid split: model selection falls back to the LAST epoch (no test-set selection)")
-        stop = False
+        stop = bool(cfg.train.max_steps and st.step >= cfg.train.max_steps)  # resumed at (or past) the end
         t_start = time.perf_counter()
         every = cfg.checkpoint.every_steps
         while st.epoch < cfg.train.epochs and not stop:

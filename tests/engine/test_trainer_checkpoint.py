@@ -103,6 +103,10 @@ def test_goat_train_resume_cli(tmp_path, capsys):
                  "--resume", "latest"]) == 0
     assert json.loads((tmp_path / "run" / "final.json").read_text())["steps"] == 6
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
+    # resuming a finished run trains no further step
+    assert main(["train", "-c", str(config), "--run-dir", run, "--set", "train.max_steps=6", "--resume", "latest"]) == 0
+    assert json.loads((tmp_path / "run" / "final.json").read_text())["steps"] == 6
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
     assert main(["train", "-c", str(config), "--run-dir", run, "--set", "model.dim=4", "--resume", "latest"]) == 2
     assert "model.dim: 8 -> 4" in capsys.readouterr().err
     assert main(["train", "-c", str(config), "--run-dir", run, "--resume", f"{run}/checkpoints/step-99"]) == 2
