@@ -102,7 +102,7 @@ def test_ray_job_survives_a_killed_worker(tmp_path):
                                      env=ref_env, cwd=REPO, stdout=ref_out, stderr=subprocess.STDOUT)
         try:
             killed, seen = _wait_then_kill(head, run_dir, submit, timeout=480)
-            t_kill = time.perf_counter() - t1
+            t_kill, kill_wall = time.perf_counter() - t1, time.time()
             rc = submit.wait(timeout=480)
             t_job = time.perf_counter() - t1
             ref_rc = reference.wait(timeout=300)
@@ -112,8 +112,6 @@ def test_ray_job_survives_a_killed_worker(tmp_path):
                     proc.kill()
                     proc.wait()
     text = (tmp_path / "submit.log").read_text()
-    print(f"head start {head.start_seconds:.1f}s; job {t_job:.1f}s (killed rank 1 pid {killed} at step {seen}, "
-          f"{t_kill:.1f}s after submit)")
     assert rc == 0 and "succeeded" in text, text[-6000:]
     assert ref_rc == 0, (tmp_path / "ref.log").read_text()[-4000:]
     reference_final = json.loads((ref_dir / "final.json").read_text())
@@ -122,6 +120,9 @@ def test_ray_job_survives_a_killed_worker(tmp_path):
     starts = _records(run_dir / WORKERS_FILE)
     rank0 = [s for s in starts if s["rank"] == 0]
     assert len(rank0) == 2 and {s["rank"] for s in starts} == {0, 1}, starts
+    print(f"head start {head.start_seconds:.1f}s; job {t_job:.1f}s; killed rank 1 (pid {killed}) at step {seen}, "
+          f"{t_kill:.1f}s after submit; new worker group resumed {rank0[1]['time'] - kill_wall:.1f}s after the kill, "
+          f"from step {rank0[1]['step']}")
     assert rank0[0]["resumed"] is False and rank0[0]["step"] == 0
     assert rank0[1]["resumed"] is True and rank0[1]["step"] >= EVERY and rank0[1]["step"] % EVERY == 0, rank0
     assert rank0[1]["step"] <= seen + EVERY and killed != [s for s in starts if s["rank"] == 1][-1]["pid"]
