@@ -388,7 +388,7 @@ class Trainer:
         pos = int(saved["position"])
         if saved_gb != gb:
             pos = (pos * saved_gb) // gb
-            log.warning("global batch %d in the checkpoint, %d now (world size changed): resuming epoch %d at batch "
+            (log.warning if self.rank == 0 else log.debug)("global batch %d in the checkpoint, %d now (world size changed): resuming epoch %d at batch "
                         "%d; the data order from here differs from the original run", saved_gb, gb,
                         int(saved["epoch"]), pos)
         return {"epoch": int(saved["epoch"]), "position": pos}
