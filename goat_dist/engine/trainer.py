@@ -256,17 +256,33 @@ class Trainer:
         heldout = self._split_csr(split)
         if heldout is None:
             return None
-        sums = metric_sums(self._scorer(), self._eval_users(), heldout, [self._train_csr], list(self.cfg.eval.ks),
+        users = self._eval_users()
+        subset = users if users.numel() < self.dataset.n_users else None  # eval.user_sample
+        sums = metric_sums(self._scorer(subset), users, heldout, [self._train_csr], list(self.cfg.eval.ks),
                            self.cfg.eval.batch_size)
         return finalize(sums)
 
-    def _scorer(self):
-        """``score(user_ids [b]) -> [b, n_items]`` from representations computed ONCE per evaluation."""
+    def _scorer(self, users: torch.Tensor | None = None):
+        """``score(user_ids [b]) -> [b, n_items]`` from representations computed ONCE per evaluation.
+
+        ``users`` (sorted, unique): only these users' final representations are built (the
+        ``eval.user_sample`` case: at 20M users the full user table is not materialised); ``score``
+        then accepts only ids from ``users``."""
         user_reps, item_reps = self.model.compute_all_representations(
             self.graphs.ui.user_items, self.graphs.ui.item_users, self.item_features, self.user_features,
-            self.graphs.item_item, self.graphs.user_user)
+            self.graphs.item_item, self.graphs.user_user, user_ids=users)
         item_t = item_reps.t().contiguous()
-        return lambda ub: user_reps[ub.to(user_reps.device)] @ item_t
+        if users is None:
+            return lambda ub: user_reps[ub.to(user_reps.device)] @ item_t
+        users = users.to(torch.int64)
+
+        def score(ub: torch.Tensor) -> torch.Tensor:
+            ub = ub.to(torch.int64)
+            pos = torch.searchsorted(users, ub).clamp_max(users.numel() - 1)
+            if not bool((users[pos] == ub).all()):
+                raise KeyError(f"scorer built for {users.numel()} sampled users was asked for others")
+            return user_reps[pos.to(user_reps.device)] @ item_t
+        return score
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

@@ -91,3 +91,24 @@ def test_reused_run_directory_starts_a_fresh_metrics_log(tmp_path):
     logger.log("train", 2, loss=3.0)
     logger.close()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_sampled_user_eval_builds_only_those_users_and_matches_full_tables(tmp_path):
+    """eval.user_sample: the scorer builds only the sampled users' representations (the 20M-user
+    case) and the metrics equal scoring those users from the full user table."""
+    from goat_dist.eval.metrics import finalize, metric_sums
+
+    trainer, _ = run(tiny_cfg(tmp_path, "train.max_steps=4", "eval.user_sample=60"), tmp_path / "r")
+    users = trainer._eval_users()
+    assert users.numel() == 60
+    score = trainer._scorer(users)
+    with pytest.raises(KeyError, match="sampled users"):
+        score(torch.tensor([int(torch.isin(torch.arange(150), users, invert=True).nonzero()[0])]))
+    heldout = trainer._split_csr("valid")
+    ks = list(trainer.cfg.eval.ks)
+    full = finalize(metric_sums(trainer._scorer(None), users, heldout, [trainer._train_csr], ks, 64))
+    sampled = trainer.evaluate("valid")
+    assert full["n_users"] == sampled["n_users"] > 0
+    for key, value in full.items():
+        assert sampled[key] == pytest.approx(value, abs=1e-12), key
+    assert torch.allclose(score(users), trainer._scorer(None)(users), atol=1e-5)
