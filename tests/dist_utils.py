@@ -23,6 +23,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def tiny_problem(root) -> list[str]:
+    """``--set`` overrides of the tiny synthetic problem the multi-process tests share (60 users,
+    40 items, full fanout, dropout 0, so world sizes are comparable); callers add batch size, run
+    length, logging and checkpoint keys."""
+    return [
+        f"data.path={root}/data", "data.generate_if_missing=true",
+        "data.synth={users: 60, items: 40, interactions: 900, modalities: {image: 6, text: 5}, "
+        "user_profiles: 4, seed: 3}",
+        f"graph.cache_dir={root}/cache", "graph.item_knn_k=3", "graph.user_knn_k=3",
+        "sampling.fanouts=-1", "model.dim=8", "model.id_layers=2", "model.dropout=0.0", "ot.max_iter=60",
+        "ot.tol=0.0", "train.sparse_lr=0.05", "train.dense_lr=0.01", "loss.cmcl_weight=0.5", "loss.l2=0.01",
+        "log.tensorboard=false", "eval.ks=[5, 10]", "eval.metric=recall@10", "eval.batch_size=16"]
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago on 127.0.0.1."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

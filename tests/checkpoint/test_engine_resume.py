@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import free_port, run_distributed
+from dist_utils import free_port, run_distributed, tiny_problem
 from goat_dist.config import load_config, save_config
 
 pytestmark = pytest.mark.dist
@@ -23,15 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def tiny_cfg(root, *extra: str):
     """Tiny synthetic problem at full fanout, dropout 0, per-rank batch 16 (global 32 at W=2)."""
-    return load_config(None, [
-        f"data.path={root}/data", "data.generate_if_missing=true",
-        "data.synth={users: 60, items: 40, interactions: 900, modalities: {image: 6, text: 5}, "
-        "user_profiles: 4, seed: 3}",
-        f"graph.cache_dir={root}/cache", "graph.item_knn_k=3", "graph.user_knn_k=3",
-        "sampling.fanouts=-1", "model.dim=8", "model.id_layers=2", "model.dropout=0.0", "ot.max_iter=60",
-        "ot.tol=0.0", "train.batch_size=16", "train.epochs=2", "train.sparse_lr=0.05", "train.dense_lr=0.01",
-        "loss.cmcl_weight=0.5", "loss.l2=0.01", "log.tensorboard=false", "log.every_steps=1", "eval.ks=[5, 10]",
-        "eval.metric=recall@10", "eval.batch_size=16", "checkpoint.every_steps=4", *extra])
+    return load_config(None, [*tiny_problem(root), "train.batch_size=16", "train.epochs=2", "log.every_steps=1",
+                              "checkpoint.every_steps=4", *extra])
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_utils import tiny_problem
 from goat_dist.config import load_config, save_config
 from goat_dist.engine.trainer import prepare_dataset
 from launch.ray_job import RAY_CHECKPOINT_FILE, WORKERS_FILE
@@ -27,15 +28,7 @@ KILL_AFTER = 35  # kill once the run has logged a step >= this: the checkpoint a
 
 def tiny_cfg(root: Path, *extra: str):
     """A tiny synthetic problem (60 users, 40 items), full fanout, dropout 0: 23 steps/epoch at world size 2."""
-    return load_config(None, [
-        f"data.path={root}/data", "data.generate_if_missing=true",
-        "data.synth={users: 60, items: 40, interactions: 900, modalities: {image: 6, text: 5}, "
-        "user_profiles: 4, seed: 3}",
-        f"graph.cache_dir={root}/cache", "graph.item_knn_k=3", "graph.user_knn_k=3",
-        "sampling.fanouts=-1", "model.dim=8", "model.id_layers=2", "model.dropout=0.0", "ot.max_iter=60",
-        "ot.tol=0.0", "train.batch_size=16", "train.sparse_lr=0.05", "train.dense_lr=0.01", "loss.cmcl_weight=0.5",
-        "loss.l2=0.01", "log.tensorboard=false", "eval.ks=[5, 10]", "eval.metric=recall@10", "eval.batch_size=16",
-        *extra])
+    return load_config(None, [*tiny_problem(root), "train.batch_size=16", *extra])
 
 
 def _records(path: Path) -> list[dict]:

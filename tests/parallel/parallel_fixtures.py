@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from dist_utils import tiny_problem
 from goat_dist.config import load_config
 from goat_dist.engine.trainer import Trainer
 
@@ -14,15 +15,8 @@ STEPS = 20
 
 def tiny_cfg(root, batch_size: int, *extra: str):
     """A tiny synthetic problem at full fanout and dropout 0 (so world sizes are comparable)."""
-    return load_config(None, [
-        f"data.path={root}/data", "data.generate_if_missing=true",
-        "data.synth={users: 60, items: 40, interactions: 900, modalities: {image: 6, text: 5}, "
-        "user_profiles: 4, seed: 3}",
-        f"graph.cache_dir={root}/cache", "graph.item_knn_k=3", "graph.user_knn_k=3",
-        "sampling.fanouts=-1", "model.dim=8", "model.id_layers=2", "model.dropout=0.0", "ot.max_iter=60",
-        "ot.tol=0.0", f"train.batch_size={batch_size}", f"train.max_steps={STEPS}", "train.epochs=5",
-        "train.sparse_lr=0.05", "train.dense_lr=0.01", "loss.cmcl_weight=0.5", "loss.l2=0.01",
-        "log.tensorboard=false", "log.every_steps=1000", "eval.ks=[5, 10]", "eval.metric=recall@10", "eval.batch_size=16", *extra])
+    return load_config(None, [*tiny_problem(root), f"train.batch_size={batch_size}", f"train.max_steps={STEPS}",
+                              "train.epochs=5", "log.every_steps=1000", *extra])
 
 
 def steps(trainer, n: int = STEPS) -> list[dict[str, float]]:
