@@ -8,7 +8,8 @@ Input: ``N x d`` float16 standard gaussian rows (seeded). The timed part is the 
 timed separately from the log-free ``faiss_topk``/``topk_neighbours`` call made first. Recall@k of an
 approximate backend is measured against the EXACT top-k of ``--recall-queries`` sampled rows, found
 by brute force (one GEMM of the sampled rows against all N rows, float32) -- no exact N x N run is
-needed. One thread everywhere (faiss OpenMP and torch): the machine is shared.
+needed. One thread everywhere (faiss OpenMP and torch) unless ``--threads``: the machine is shared.
+``--graph-only`` times one ``knn_graph`` call (search and CSR phases reported separately) instead.
 
 Each invocation merges its entry (``runs[<backend>@<n>]``) into ``--out`` (a JSON file), so the
 backends can run as separate processes under ``/usr/bin/time -v``.
@@ -106,13 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codec", default="Flat", choices=["Flat", "SQfp16"])
     ap.add_argument("--recall-queries", type=int, default=2000)
     ap.add_argument("--search-only", action="store_true", help="time the top-k search, skip the graph build")
+    ap.add_argument("--graph-only", action="store_true", help="one timed knn_graph call (its search and CSR "
+                    "phases reported separately) instead of a separate search first; recall = share of the "
+                    "brute-force top-k present in the graph's rows (for hours-long exact runs)")
+    ap.add_argument("--threads", type=int, default=1, help="torch and faiss threads (1 on a shared machine)")
     ap.add_argument("--input", default="", help="an [N, d] .npy (memory-mapped; its first --n rows) instead of "
                     "gaussian rows, e.g. the synthetic user profiles")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS_DIR / "knn_1m.json"))
     args = ap.parse_args(argv)
     setup_logging()
-    torch.set_num_threads(1)
+    if args.search_only and args.graph_only:
+        ap.error("--search-only and --graph-only exclude each other")
+    torch.set_num_threads(args.threads)
     rss = PeakRSS()
     backend = resolve_backend(args.backend, args.n)
     ivf = IVFParams(nlist=args.nlist, nprobe=args.nprobe, quantizer=args.quantizer, codec=args.codec)
@@ -127,36 +134,46 @@ def main(argv: list[str] | None = None) -> int:
     t_gen = time.perf_counter() - t0
     log.info("input %d x %d %s in %.1fs", args.n, args.d, args.input or "float16 gaussian", t_gen)
 
-    rss.reset()
-    t0 = time.perf_counter()
-    if backend == "exact":
-        from goat_dist.graph.knn import GROUP, topk_neighbours
-
-        x = normalized_rows(f, "cpu", pad_to=GROUP)
-        cols, _ = topk_neighbours(x, args.n, args.k)
-        del x
-    else:
-        cols, _ = faiss_topk(f, args.k, backend=backend, ivf=ivf, threads=1)
-    t_search = time.perf_counter() - t0
-    search_peak = rss.phase_peak
-    log.info("%s search: %.1fs", backend, t_search)
-
     rng = np.random.default_rng(args.seed + 1)
     q = np.sort(rng.choice(args.n, size=min(args.recall_queries, args.n), replace=False))
+    graph_s = graph_nnz = csr_s = None
+    if args.graph_only:
+        rss.reset()
+        t0 = time.perf_counter()
+        phases: dict = {}
+        g = knn_graph(f, args.k, backend=backend, ivf=ivf, device="cpu", threads=args.threads, timings=phases)
+        graph_s = time.perf_counter() - t0
+        t_search, csr_s, search_peak, graph_nnz = phases["search_s"], phases["graph_s"], rss.phase_peak, g.nnz
+        rows = [set(g.indices[g.indptr[i]:g.indptr[i + 1]].tolist()) - {int(i)} for i in q]
+        del g
+    else:
+        rss.reset()
+        t0 = time.perf_counter()
+        if backend == "exact":
+            from goat_dist.graph.knn import GROUP, topk_neighbours
+
+            x = normalized_rows(f, "cpu", pad_to=GROUP)
+            cols, _ = topk_neighbours(x, args.n, args.k)
+            del x
+        else:
+            cols, _ = faiss_topk(f, args.k, backend=backend, ivf=ivf, threads=args.threads)
+        t_search = time.perf_counter() - t0
+        search_peak = rss.phase_peak
+        rows = [set(r[r >= 0].tolist()) for r in cols[torch.from_numpy(q)].long().numpy()]
+        del cols
+    log.info("%s search: %.1fs", backend, t_search)
+
     t0 = time.perf_counter()
     exact = exact_topk_rows(f, q, args.k)
     t_ref = time.perf_counter() - t0
-    found = cols[torch.from_numpy(q)].long().numpy()
-    hits = sum(len(set(a[a >= 0].tolist()) & set(b.tolist())) for a, b in zip(found, exact))
+    hits = sum(len(a & set(b.tolist())) for a, b in zip(rows, exact))
     recall = hits / (len(q) * args.k)
     log.info("recall@%d over %d sampled rows: %.4f (brute-force reference %.1fs)", args.k, len(q), recall, t_ref)
-    del cols
 
-    graph_s = graph_nnz = None
-    if not args.search_only:
+    if not args.search_only and not args.graph_only:
         rss.reset()
         t0 = time.perf_counter()
-        g = knn_graph(f, args.k, backend=backend, ivf=ivf, device="cpu", threads=1)
+        g = knn_graph(f, args.k, backend=backend, ivf=ivf, device="cpu", threads=args.threads)
         graph_s = time.perf_counter() - t0
         graph_nnz = g.nnz
         del g
@@ -167,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         "search_seconds": round(t_search, 2), "search_ms_per_row": round(1e3 * t_search / args.n, 4),
         "search_peak_rss_gb": round(search_peak / 2**30, 3),
         "knn_graph_seconds": None if graph_s is None else round(graph_s, 2),
-        "knn_graph_nnz": graph_nnz,
+        "knn_graph_nnz": graph_nnz, "csr_build_seconds": None if csr_s is None else round(csr_s, 2),
         "recall_at_k": round(recall, 4), "recall_queries": len(q), "recall_reference": "brute-force exact top-k",
-        "peak_rss_gb": round(rss.hwm() / 2**30, 3), "threads": 1,
+        "peak_rss_gb": round(rss.hwm() / 2**30, 3), "threads": args.threads,
+        "mode": "graph-only" if args.graph_only else ("search-only" if args.search_only else "search, then graph"),
         "load_average_start": [round(v, 2) for v in load],
         "load_average_end": [round(v, 2) for v in os.getloadavg()],
         "command": "python -m benchmarks.bench_knn " + " ".join(argv if argv is not None else os.sys.argv[1:]),

@@ -422,7 +422,8 @@ def _count_zero_rows(features: np.ndarray | torch.Tensor) -> int:
 def knn_graph(features: np.ndarray | torch.Tensor, k: int, *, block_size: int = 8192,
               device: str | torch.device = "auto", symmetrize: bool = True, self_loops: bool = True,
               with_values: bool = True, max_block_bytes: int | None = None, backend: str = "exact",
-              ivf: IVFParams | None = None, exact_max_rows: int = 100_000, threads: int = 1) -> CSR:
+              ivf: IVFParams | None = None, exact_max_rows: int = 100_000, threads: int = 1,
+              timings: dict | None = None) -> CSR:
     """Cosine kNN graph over the rows of ``features``.
 
     ``features`` [N, d] float16/float32 (numpy array, memmap read block by block, or tensor). For
@@ -430,7 +431,8 @@ def knn_graph(features: np.ndarray | torch.Tensor, k: int, *, block_size: int = 
     j; ``faiss_flat``: exact up to ties; ``ivf``: approximate, see ``IVFParams``; ``auto``: exact
     up to ``exact_max_rows`` rows, else ivf), then edges i->j, their reverses (``symmetrize``) and
     i->i (``self_loops``), duplicates merged. ``k`` is capped at N - 1. ``threads``: faiss OpenMP
-    threads (faiss backends; 0 = faiss's default).
+    threads (faiss backends; 0 = faiss's default). ``timings``: if given, receives ``search_s`` and
+    ``graph_s`` (seconds of the top-k search and of the CSR build).
 
     **Returns:** CSR [N, N], rows = destination node, columns = neighbours (ascending), ``values``
     [nnz] float32 cosine similarity (self-loops 1.0) when ``with_values``.
@@ -482,6 +484,8 @@ def knn_graph(features: np.ndarray | torch.Tensor, k: int, *, block_size: int = 
         # rounding for Flat storage, to fp16 rounding for SQfp16. Self-loops 1.
         graph.values[_self_loop_positions(graph)] = 1.0
     del x
+    if timings is not None:
+        timings.update(search_s=t_search - t0, graph_s=time.perf_counter() - t_search)
     log.info("kNN graph: %d nodes, k=%d, %d edges (backend %s, device %s): search %.1fs, graph %.1fs", n, k,
              graph.nnz, backend, dev, t_search - t0, time.perf_counter() - t_search)
     return graph
