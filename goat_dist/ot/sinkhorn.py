@@ -682,8 +682,11 @@ def sinkhorn(cost: Tensor, a: Tensor | None = None, b: Tensor | None = None, eps
             iterations; ``converged`` then reports err == 0).
         eps_schedule: None, ``"auto"`` or a decreasing sequence of eps values (eps-scaling).
         grad: ``"envelope"`` (default) or ``"unrolled"``.
-        backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"torch"``, ``"torch_log"``
-            (the pure log-domain torch solver) or ``"triton"``.
+        backend: ``"auto"`` (Triton for CUDA tensors; on CPU the compiled ``"numba"`` loop when numba
+            is installed and the problems are small (:func:`goat_dist.ot.sinkhorn_cpu.preferred`), else
+            ``"torch"``), ``"torch"`` (the stabilised torch solver), ``"torch_log"``
+            (the pure log-domain torch solver), ``"numba"`` (:mod:`goat_dist.ot.sinkhorn_cpu`) or
+            ``"triton"``.
         mask_a, mask_b: bool [B, n] / [B, m]; False marks padding.
 
     Returns:
@@ -694,8 +697,8 @@ def sinkhorn(cost: Tensor, a: Tensor | None = None, b: Tensor | None = None, eps
         raise ValueError(f"eps must be positive, got {eps}")
     if grad not in ("envelope", "unrolled"):
         raise ValueError(f"grad must be 'envelope' or 'unrolled', got {grad!r}")
-    if backend not in ("auto", "torch", "torch_log", "triton"):
-        raise ValueError(f"backend must be auto|torch|torch_log|triton, got {backend!r}")
+    if backend not in ("auto", "torch", "torch_log", "triton", "numba"):
+        raise ValueError(f"backend must be auto|torch|torch_log|triton|numba, got {backend!r}")
     p = _prepare(cost, a, b, mask_a, mask_b)
     c_chk = p.cost.detach() if p.cost.requires_grad else p.cost
     if c_chk.numel() and not all(math.isfinite(x) for x in torch.stack(torch.aminmax(c_chk)).tolist()):
@@ -721,7 +724,9 @@ def sinkhorn(cost: Tensor, a: Tensor | None = None, b: Tensor | None = None, eps
                                                 p.log_b.detach(), p.mask_a, p.mask_b, p.squeeze, p.padded)
         use = backend
         if use == "auto":
-            use = "triton" if pd.cost.is_cuda else "torch"
+            from goat_dist.ot import sinkhorn_cpu
+
+            use = "triton" if pd.cost.is_cuda else ("numba" if sinkhorn_cpu.preferred(pd.cost.shape) else "torch")
         plan = None
         if use == "triton":
             from goat_dist.ot.sinkhorn_triton import solve_triton
@@ -729,6 +734,10 @@ def sinkhorn(cost: Tensor, a: Tensor | None = None, b: Tensor | None = None, eps
             f, g, n_iter, converged, err = solve_triton(pd, eps, max_iter, tol_run, levels)
         elif use == "torch_log":
             f, g, n_iter, converged, err = _solve_log(pd, eps, max_iter, tol_run, levels)
+        elif use == "numba":
+            from goat_dist.ot.sinkhorn_cpu import solve_numba
+
+            f, g, n_iter, converged, err, plan = solve_numba(pd, eps, max_iter, tol_run, levels)
         else:
             f, g, n_iter, converged, err, plan = _solve_stabilized(pd, eps, max_iter, tol_run, levels)
         if fixed:

@@ -9,9 +9,10 @@ import ot
 import pytest
 import torch
 
-from goat_dist.ot import SinkhornResult, sinkhorn
+from goat_dist.ot import SinkhornResult, sinkhorn, sinkhorn_cpu
 
-BACKENDS = ["torch", "torch_log"]
+# numba: the compiled CPU loop (goat_dist.ot.sinkhorn_cpu); installed by `make install`, optional
+BACKENDS = ["torch", "torch_log"] + (["numba"] if sinkhorn_cpu.available() else [])
 
 
 def _rand_problem(gen, n, m, scale=1.0, dtype=torch.float64):
