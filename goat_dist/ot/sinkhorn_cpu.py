@@ -66,7 +66,7 @@ def _iterate_batch_py(K, a, b, ma, mb, f, g, eps, max_iter, tol, target, lo, hi,
     """Sinkhorn iterations of every problem of a batch (compiled by numba; see the module docstring).
 
     In: K [B, n, m] the kernels (overwritten with the plans ``u_i K_ij v_j``); a, ma [B, n]; b, mb
-    [B, m]; f [B, n], g [B, m] float64 the potentials K was built from (overwritten with
+    [B, m]; f [B, n], g [B, m] (K's dtype) the potentials K was built from (overwritten with
     ``f + eps log u``, ``g + eps log v``; 0 where masked). Out: n_iter [B] int64, err [B] float64,
     status [B] int64 (CONVERGED: err <= tol; NEEDS_LOG: K, f, g left as they came in). A problem
     iterates until one iteration after ``err <= target`` (<= tol) or ``max_iter``.
@@ -187,17 +187,17 @@ def solve_numba(p, eps: float, max_iter: int, tol: float, levels: list[float]
     err = np.empty(B, np.float64)
     status = np.empty(B, np.int64)
     bound = sk._scaling_bound(dt)
-    f64, g64 = f.to(torch.float64).numpy(), g.to(torch.float64).numpy()   # fresh copies: overwritten
+    f, g = f.contiguous(), g.contiguous()   # our own tensors (fresh zeros / amin results): overwritten
     arr = lambda t: np.ascontiguousarray(t.numpy())  # noqa: E731  (one compiled signature per dtype)
-    _iterate_batch(K.numpy(), arr(p.a), arr(p.b), arr(ma), arr(mb), f64, g64, float(eps), int(max_iter),
-                   float(tol), float(tol) * TARGET, math.exp(-bound), math.exp(bound), n_it, err, status)
-    f, g, plan = torch.from_numpy(f64).to(dt), torch.from_numpy(g64).to(dt), K
-    st = torch.from_numpy(status)
-    converged = st == CONVERGED
+    _iterate_batch(K.numpy(), arr(p.a), arr(p.b), arr(ma), arr(mb), f.numpy(), g.numpy(), float(eps),
+                   int(max_iter), float(tol), float(tol) * TARGET, math.exp(-bound), math.exp(bound), n_it, err,
+                   status)
+    plan = K
+    converged = torch.from_numpy(status == CONVERGED)
     err_t = torch.from_numpy(err).to(dt)
     n_iter = int(n_it.max()) if B else 0
-    redo = (st == NEEDS_LOG).nonzero().flatten()
-    if redo.numel():    # scalings out of range: the torch stabilised solver absorbs them
+    if (status == NEEDS_LOG).any():    # scalings out of range: the torch stabilised solver absorbs them
+        redo = torch.from_numpy(np.flatnonzero(status == NEEDS_LOG))
         sub = sk._Prepared(cost[redo], p.a[redo], p.b[redo], p.log_a[redo], p.log_b[redo], ma[redo], mb[redo],
                            p.squeeze, p.padded)
         f_r, g_r, it_r, conv_r, err_r, plan_r = sk._solve_stabilized(sub, eps, max_iter, tol, levels)
