@@ -14,7 +14,7 @@ Phases, each timed (wall seconds) with the peak RSS seen during it (a thread sam
    forward, losses, backward, fused sparse optimiser + dense optimiser); the loss every step.
 5. ``eval``: Recall/NDCG/... @K on ``eval.user_sample`` sampled users (the engine's user sample),
    valid and test splits, train items masked: representations of all items and of the sampled
-   users (``sampled_user_representations``: the model's memory-lean full-graph pass for LightGCN
+   users (``compute_all_representations(user_ids=)``: the memory-lean full-graph pass for LightGCN
    and items, the user GAT on the sampled users' k-hop subgraph), computed once, scored for both.
 
 Writes ``--out`` (default ``benchmarks/results/scale_200m.json``). The run's own log lines and
@@ -31,7 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from benchmarks.bench_knn import PeakRSS
@@ -59,43 +58,6 @@ class PrebuiltTrainer(Trainer):
 
 
 @torch.no_grad()
-def sampled_user_representations(model, graphs, item_features, user_features, users: torch.Tensor
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scoring representations of ALL items and of the sampled ``users`` only (sorted ids).
-
-    ``compute_all_representations(user_ids=users)`` gives the LightGCN users for ``users`` only and
-    every item (fused), but its user branch runs the user GAT over all users (two [n_users, d]
-    buffers: 10 GB at 20M users). Here the user branch is switched off for that call and the
-    preference view of the sampled users is computed by the same ``user_encoder.full_graph`` over
-    their ``gat_layers``-hop user-user neighbourhood (``CSR.khop_subgraph``: full rows inside, so
-    the seeds' outputs equal the full-graph ones), then combined as the model does
-    (``u_id + user_beta * pref``). ``--check-eval`` compares it with the full-graph call.
-
-    **Shapes:** -> (users [len(users), d], items [n_items, d]).
-    """
-    user_branch = model.use_user_branch
-    model.use_user_branch = False
-    try:
-        u_id, items = model.compute_all_representations(
-            graphs.ui.user_items, graphs.ui.item_users, item_features, None, graphs.item_item, None,
-            user_ids=users)
-    finally:
-        model.use_user_branch = user_branch
-    if not user_branch:
-        return u_id, items
-    was_training = model.training
-    model.eval()
-    try:
-        nodes, local = graphs.user_user.khop_subgraph(users, model.cfg.gat_layers)
-        order = torch.argsort(nodes)  # read the memory-mapped rows in ascending order
-        feats = torch.empty((nodes.numel(), int(user_features.shape[1])), dtype=torch.float32)
-        feats[order] = torch.as_tensor(np.asarray(user_features[nodes[order].numpy()], dtype=np.float32))
-        pref = model.user_encoder.full_graph(local, feats, nodes.numel())[:users.numel()]
-    finally:
-        model.train(was_training)
-    return u_id + model.user_beta * pref, items
-
-
 def loss_summary(losses: list[float], window: int = 50) -> dict:
     """First/last window means, min, and the mean of every ``window`` steps (the curve)."""
     if not losses:
@@ -197,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with phase("eval"):
         users = trainer._eval_users()
-        user_reps, item_reps = sampled_user_representations(trainer.model, graphs, trainer.item_features,
-                                                            trainer.user_features, users)
+        user_reps, item_reps = trainer.model.compute_all_representations(
+            graphs.ui.user_items, graphs.ui.item_users, trainer.item_features, trainer.user_features,
+            graphs.item_item, graphs.user_user, user_ids=users)
         item_t = item_reps.t().contiguous()
         score = lambda ub: user_reps[torch.searchsorted(users, ub)] @ item_t  # noqa: E731
         metrics = {}
@@ -208,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 metrics[split] = finalize(metric_sums(score, users, heldout, [trainer._train_csr],
                                                       list(cfg.eval.ks), cfg.eval.batch_size))
     result["eval"] = {"user_sample": int(users.numel()), "representations": (
-        "all items and the sampled users: compute_all_representations(user_ids=sample) with the user branch "
-        "off, plus the user GAT over the sampled users' k-hop user-user subgraph (sampled_user_representations)"),
+        "all items and the sampled users: compute_all_representations(user_ids=sample), whose user branch "
+        "runs the user GAT over the sampled users' k-hop user-user subgraph only"),
         **metrics}
     if args.check_eval:  # the reference: the model's own full-graph call (all users' user branch)
         full_u, full_i = trainer.model.compute_all_representations(

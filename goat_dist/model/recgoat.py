@@ -45,7 +45,7 @@ from goat_dist.log import get_logger
 from goat_dist.losses import InfoNCE, bpr_loss, global_value_local_grad, l2_loss
 from goat_dist.model.embeddings import IdEmbeddings
 from goat_dist.model.fusion import FusionOutput, OATFusion, ReduceStats, build_fusion
-from goat_dist.model.gat import FeatureSource, GATEncoder
+from goat_dist.model.gat import FeatureSource, GATEncoder, gather_features
 from goat_dist.model.lightgcn import RowShard, full_graph_lightgcn, lightgcn_blocks
 from goat_dist.sampling.blocks import ITEM, USER, USER_USER, MiniBatch, SampledSubgraph, item_item_relation
 
@@ -262,7 +262,9 @@ class RecGOAT(nn.Module):
                 ``user_graph``: user-user CSR (user branch).
             chunk_size: at most this many rows per chunk for lookups, propagation and fusion.
             user_ids: only these users' representations (the final user table is never built for
-                the others; e.g. the eval users).
+                the others; e.g. the eval users). Single process: the user branch runs over their
+                ``gat_layers``-hop user-user neighbourhood only (equal to the full graph's rows up to
+                float rounding).
             shard: ``RowShard`` of this rank: LightGCN layers, modality encoders, fusion and the
                 user branch run on this rank's row blocks (per-layer all-gathers); the fused item
                 table is all-gathered. Collective: every rank calls it with the same arguments.
@@ -314,15 +316,37 @@ class RecGOAT(nn.Module):
             if self.use_user_branch:
                 if user_features is None:
                     raise ValueError("the user branch is on: pass user_features")
-                pref = self.user_encoder.full_graph(user_graph, user_features, self.n_users, chunk_size, shard=sh)
-                if user_ids is not None:
-                    u0, u1 = sh.block(self.n_users, chunk_size)
-                    ids = user_ids.to(torch.int64).to(device)
-                    pref = pref.index_select(0, ids[(ids >= u0) & (ids < u1)] - u0)
+                if user_ids is not None and sh.world_size == 1:
+                    pref = self._user_branch_at(user_ids, user_graph, user_features, chunk_size, device)
+                else:
+                    pref = self.user_encoder.full_graph(user_graph, user_features, self.n_users, chunk_size,
+                                                        shard=sh)
+                    if user_ids is not None:
+                        u0, u1 = sh.block(self.n_users, chunk_size)
+                        ids = user_ids.to(torch.int64).to(device)
+                        pref = pref.index_select(0, ids[(ids >= u0) & (ids < u1)] - u0)
                 users = u_id + self.user_beta * pref
             return users, items[:self.n_items]
         finally:
             self.train(was_training)
+
+    def _user_branch_at(self, user_ids: Tensor, user_graph: CSR | None, user_features: FeatureSource,
+                        chunk_size: int, device: torch.device) -> Tensor:
+        """The user branch's preference view of ``user_ids`` only (distinct ids, any order): the user
+        GAT over their ``gat_layers``-hop user-user neighbourhood (``CSR.khop_subgraph``: full rows
+        inside, so each seed's output is its full-graph row up to float rounding), features read for
+        those nodes only -- never the [n_users, d] buffers of the full-graph call (10 GB at 20M users).
+
+        **Shapes:** user_ids [n] -> [n, d]."""
+        ids = user_ids.to(torch.int64).cpu()
+        if self.user_encoder.num_layers and user_graph is not None:
+            nodes, local = user_graph.khop_subgraph(ids, self.user_encoder.num_layers)
+        else:   # no GAT layers: the projection of the users' own features (a missing graph raises below)
+            nodes, local = ids, user_graph
+        order = torch.argsort(nodes)    # read memory-mapped feature rows in ascending order
+        feats = torch.empty((nodes.numel(), self.user_encoder.proj.in_features), device=device)
+        feats[order.to(device)] = gather_features(user_features, nodes[order], device)
+        return self.user_encoder.full_graph(local, feats, nodes.numel(), chunk_size)[:ids.numel()]
 
     def _gather_items(self, i_id: Tensor, xs: Tensor, sh: RowShard, chunk_size: int) -> tuple[Tensor, Tensor]:
         """Full [n_items, d] ID view and [M, n_items, d] modality views from this rank's blocks (for

@@ -150,3 +150,29 @@ def test_training_on_planted_problem_reduces_loss_and_learns_clusters():
     users, items = model.compute_all_representations(data.user_items, data.item_users, data.item_features,
                                                      data.user_features, data.item_graphs, data.user_graph)
     assert auc(users, items, data) > max(0.9, auc(users0, items0, data))
+
+
+@pytest.mark.parametrize("gat_layers", [0, 1, 2])
+def test_user_ids_runs_the_user_branch_on_their_neighbourhood_only(gat_layers, monkeypatch):
+    """compute_all_representations(user_ids=ids) == the full call's rows ids (any order), and the user
+    GAT never sees the whole user set (its k-hop neighbourhood of ids only)."""
+    data = TinyData(seed=6)
+    model = build(data, 2, True, "oat", gat_layers=gat_layers)
+    model.train()
+    model(batch_for(data, model, seed=3), data.item_features, data.user_features)
+    args = (data.user_items, data.item_users, data.item_features, data.user_features, data.item_graphs,
+            data.user_graph)
+    full_u, full_i = model.compute_all_representations(*args, chunk_size=5)
+    seen = []
+    real = model.user_encoder.full_graph
+
+    def spy(graph, features, n_nodes, *a, **kw):
+        seen.append(n_nodes)
+        return real(graph, features, n_nodes, *a, **kw)
+
+    monkeypatch.setattr(model.user_encoder, "full_graph", spy)
+    ids = torch.randperm(data.n_users, generator=torch.Generator().manual_seed(0))[:3]
+    sub_u, sub_i = model.compute_all_representations(*args, chunk_size=5, user_ids=ids)
+    assert seen and max(seen) < data.n_users
+    torch.testing.assert_close(sub_u, full_u[ids], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sub_i, full_i, rtol=0, atol=0)
