@@ -35,7 +35,7 @@ from goat_dist.config import Config, DataConfig, save_config, to_dict
 from goat_dist.data import RecDataset, load_dataset
 from goat_dist.data.fsio import exists
 from goat_dist.engine import checkpointing as ckpt
-from goat_dist.engine.optim import dense_optimizer, sparse_optimizer
+from goat_dist.engine.optim import dense_optimizer, sparse_grad_optimizer, sparse_optimizer
 from goat_dist.engine.run_logger import RunLogger
 from goat_dist.eval.metrics import finalize, metric_sums
 from goat_dist.graph import Graphs, build_graphs
@@ -101,6 +101,9 @@ class Trainer:
         sparse = list(self.model.id_emb.parameters())
         sparse_ids = {id(p) for p in sparse}
         dense = [p for p in self.model.parameters() if id(p) not in sparse_ids]
+        if sparse_grad_optimizer(cfg.train.optimizer):   # O(batch rows) per step, not O(table)
+            for emb in self.model.id_emb.collection.embeddings.values():
+                emb.sparse = True
         self.sparse_opt = sparse_optimizer(cfg.train.optimizer, sparse, cfg.train.sparse_lr)
         self.dense_opt = dense_optimizer(cfg.train.dense_optimizer, dense, cfg.train.dense_lr)
         log.info("user branch %s; %d dense parameters; %d batches/epoch",
@@ -177,7 +180,8 @@ class Trainer:
         if self.dense_opt is not None:
             self.dense_opt.zero_grad(set_to_none=True)
         total.backward()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+                 for p in self.model.parameters() if p.grad is not None]
         gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
         if gnorm is not None and self._nonfinite("gradient", {"grad_norm": gnorm}):
             self.sparse_opt.zero_grad(set_to_none=True)
