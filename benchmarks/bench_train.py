@@ -3,7 +3,9 @@
 Cases: synthetic datasets (two item modalities + user profiles, ``goat_dist.data.synth.generate``)
 of 1M and 10M interactions (``--sizes``; ``200m`` reads the scale run's dataset and graph cache
 read-only with its config ``configs/scale_200m.yaml``, only when the folder holds ``READY``, and
-only at world size 1: two ranks each holding the 200M graph do not fit in 24 GB; see ``EXTERNAL``),
+only at world size 1 so far: whether two ranks fit in 24 GB beside each other (each loads the splits,
+2.3 GB, and holds its shard of the 22M-row tables; the graphs are memory-mapped and shared) is not
+measured yet; see ``EXTERNAL``),
 each trained by
 
 - ``Trainer`` (world size 1, the single-process engine),
