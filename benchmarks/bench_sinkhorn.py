@@ -116,9 +116,9 @@ def run_case(name: str, cost: torch.Tensor, repeats: int, budget_s: float = 20.0
     b = torch.full((B, m), 1.0 / m, dtype=cost.dtype)
     ref = reference_plans(cost)
 
-    from goat_dist.ot import sinkhorn_cpu
+    from goat_dist.ot.sinkhorn import resolve_backend
 
-    ours_backend = "numba" if sinkhorn_cpu.preferred(cost.shape) else "torch"   # what backend="auto" runs
+    ours_backend = resolve_backend("auto", cost)
 
     def ours():
         return sinkhorn(cost, a, b, eps=EPS, max_iter=MAX_ITER, tol=TOL, backend="auto").plan
@@ -155,7 +155,8 @@ def run_case(name: str, cost: torch.Tensor, repeats: int, budget_s: float = 20.0
              "; ".join(f"{r['baseline']} {r['baseline_s']:.4f}s err {r['baseline_err']:.2e}" for r in rows))
     best = min(rows, key=lambda r: r["baseline_s"])
     return [{"case": name, "shape": [B, n, m], "dtype": str(cost.dtype).replace("torch.", ""), "eps": EPS,
-             "tol": TOL, "ours_backend": ours_backend, "ours_s": ours_t, **torch_path, "ours_min_s": min(times["ours"]), "rounds": len(times["ours"]),
+             "tol": TOL, "ours_backend": ours_backend, "ours_s": ours_t, **torch_path,
+             "ours_min_s": min(times["ours"]), "rounds": len(times["ours"]),
              "loadavg_1min_before": load_before, "loadavg_1min_after": load_after,
              "ours_iters": res.n_iter, "ours_converged": bool(res.converged.all()),
              "baseline": best["baseline"], "baseline_s": best["baseline_s"], "ratio": best["baseline_s"] / ours_t,

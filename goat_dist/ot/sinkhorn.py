@@ -58,7 +58,7 @@ from goat_dist.log import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["SinkhornResult", "sinkhorn", "sinkhorn_log_reference_step"]
+__all__ = ["SinkhornResult", "resolve_backend", "sinkhorn", "sinkhorn_log_reference_step"]
 
 
 @dataclass
@@ -272,6 +272,45 @@ def _scaling_bound(dtype: torch.dtype) -> float:
     return math.log(1e100) if dtype == torch.float64 else math.log(1e15)
 
 
+def _eps_scaling_phase(p: _Prepared, levels: list[float]) -> Tensor:
+    """The potential f [B, n] the kernel-space solvers start from: 0, or after the eps-scaling phase
+    (one log-domain iteration per level of ``levels``, warm-started)."""
+    cost, ma, mb = p.cost, p.mask_a, p.mask_b
+    B, n, _ = cost.shape
+    dt, dev = cost.dtype, cost.device
+    f = torch.zeros(B, n, dtype=dt, device=dev)
+    if levels:
+        zero = torch.zeros((), dtype=dt, device=dev)
+        bias_a = torch.where(ma, zero, torch.full((), -math.inf, dtype=dt, device=dev))
+        bias_b = torch.where(mb, zero, torch.full((), -math.inf, dtype=dt, device=dev))
+        for e in levels:
+            g = torch.where(mb, e * (p.log_b - _col_lse(cost, f, bias_a, e)), zero)
+            f = torch.where(ma, e * (p.log_a - _row_lse(cost, g, bias_b, e)), zero)
+    return f
+
+
+def _c_transform_kernel(c: Tensor, f: Tensor, f_nonzero: bool, mb: Tensor, valid: Tensor | None, inv_eps: float,
+                        K: Tensor) -> Tensor:
+    """g0 = the c-transform of f (``min_i C_ij - f_i``; 0 on masked columns) and, into ``K``, the kernel
+    ``exp((f_i + g0_j - C_ij) / eps)`` (0 off ``valid``): the largest entry of every column is exactly 1
+    and every exponent is <= 0 (computed as (g0 - C) first: exact near the column minima, where the
+    plan is large). Returns g0 [B, m]."""
+    shifted = c - f.unsqueeze(-1) if f_nonzero else c
+    if valid is not None:
+        shifted = shifted.masked_fill(~valid, math.inf)
+    g = shifted.amin(-2)
+    if valid is not None:
+        g = torch.where(mb, g, 0.0)
+    del shifted
+    if f_nonzero:
+        _build_kernel_full(f, g, c, valid, inv_eps, K)
+    else:       # f = 0: skip one pass
+        torch.sub(g.unsqueeze(-2), c, out=K).mul_(inv_eps).exp_()
+        if valid is not None:
+            K.masked_fill_(~valid, 0.0)
+    return g
+
+
 def _solve_stabilized(p: _Prepared, eps: float, max_iter: int, tol: float, levels: list[float]
                       ) -> tuple[Tensor, Tensor, int, Tensor, Tensor, Tensor]:
     """Kernel-space Sinkhorn with log-domain absorption (no autograd); the CPU fast path.
@@ -313,15 +352,8 @@ def _solve_stabilized(p: _Prepared, eps: float, max_iter: int, tol: float, level
     B, n, m = cost.shape
     dt = cost.dtype
     dev = cost.device
-    f = torch.zeros(B, n, dtype=dt, device=dev)
-    g = None            # the solver starts from the c-transform of f; only eps-scaling needs g here
-    if levels:
-        zero = torch.zeros((), dtype=dt, device=dev)
-        bias_a = torch.where(ma, zero, torch.full((), -math.inf, dtype=dt, device=dev))
-        bias_b = torch.where(mb, zero, torch.full((), -math.inf, dtype=dt, device=dev))
-        for e in levels:   # eps-scaling phase, log domain (one iteration per level)
-            g = torch.where(mb, e * (p.log_b - _col_lse(cost, f, bias_a, e)), zero)
-            f = torch.where(ma, e * (p.log_a - _row_lse(cost, g, bias_b, e)), zero)
+    f = _eps_scaling_phase(p, levels)
+    g = None            # the solver starts from the c-transform of f
     kernel_bytes = n * m * cost.element_size()
     small = dev.type != "cpu" or kernel_bytes <= _SMALL_KERNEL_BYTES
     group = max(1, _GROUP_BYTES // (kernel_bytes * (2 if small else 1))) if dev.type == "cpu" else B
@@ -373,21 +405,7 @@ def _solve_group(c: Tensor, a: Tensor, b: Tensor, log_a: Tensor, log_b: Tensor, 
     inv_eps = 1.0 / eps
     valid = ma.unsqueeze(-1) & mb.unsqueeze(-2) if padded else None
 
-    # g0 = c-transform of f: the largest entry of every column of K is exactly 1 and every exponent is
-    # <= 0 (the exponent is computed as (g0 - C) first: exact near the column minima, where P is large)
-    shifted = c - f.unsqueeze(-1) if f_nonzero else c
-    if padded:
-        shifted = shifted.masked_fill(~valid, math.inf)
-    g = shifted.amin(-2)
-    if padded:
-        g = torch.where(mb, g, zero)
-    del shifted
-    if f_nonzero:
-        _build_kernel_full(f, g, c, valid, inv_eps, K)
-    else:       # f = 0: skip one pass
-        torch.sub(g.unsqueeze(-2), c, out=K).mul_(inv_eps).exp_()
-        if padded:
-            K.masked_fill_(~valid, 0.0)
+    g = _c_transform_kernel(c, f, f_nonzero, mb, valid, inv_eps, K)
     KT = K.transpose(1, 2).contiguous() if small else None
     if small:
         def mv_t(u_: Tensor) -> Tensor:        # u^T K: [G, 1, m]
@@ -663,6 +681,17 @@ class _EnvelopeValues(torch.autograd.Function):
 # Public entry point
 
 
+def resolve_backend(backend: str, cost: Tensor) -> str:
+    """The solver ``backend`` names for ``cost`` [B, n, m]: ``"auto"`` is Triton for CUDA tensors, on
+    CPU the compiled loop for small kernels when numba is installed
+    (:func:`goat_dist.ot.sinkhorn_cpu.preferred`), else the stabilised torch solver."""
+    if backend != "auto":
+        return backend
+    from goat_dist.ot import sinkhorn_cpu
+
+    return "triton" if cost.is_cuda else ("numba" if sinkhorn_cpu.preferred(cost.shape) else "torch")
+
+
 def sinkhorn(cost: Tensor, a: Tensor | None = None, b: Tensor | None = None, eps: float = 0.05,
              max_iter: int = 200, tol: float = 1e-6, eps_schedule: str | Sequence[float] | None = None,
              grad: str = "envelope", backend: str = "auto", mask_a: Tensor | None = None,
@@ -722,11 +751,7 @@ def sinkhorn(cost: Tensor, a: Tensor | None = None, b: Tensor | None = None, eps
         needs_grad = p.cost.requires_grad or p.a.requires_grad or p.b.requires_grad
         pd = p if not needs_grad else _Prepared(p.cost.detach(), p.a.detach(), p.b.detach(), p.log_a.detach(),
                                                 p.log_b.detach(), p.mask_a, p.mask_b, p.squeeze, p.padded)
-        use = backend
-        if use == "auto":
-            from goat_dist.ot import sinkhorn_cpu
-
-            use = "triton" if pd.cost.is_cuda else ("numba" if sinkhorn_cpu.preferred(pd.cost.shape) else "torch")
+        use = resolve_backend(backend, pd.cost)
         plan = None
         if use == "triton":
             from goat_dist.ot.sinkhorn_triton import solve_triton

@@ -62,6 +62,19 @@ def preferred(shape) -> bool:
     return numba is not None and shape[-1] * shape[-2] <= MAX_AUTO_ENTRIES
 
 
+def _vec_mat_py(x, M, out):
+    """``out = x @ M`` for a row-major 2-D ``M``, streaming over its rows (vectorises without
+    reassociating any sum); float64 ``out``."""
+    out[:] = 0.0
+    for r in range(M.shape[0]):
+        xr = x[r]
+        for c in range(M.shape[1]):
+            out[c] += xr * M[r, c]
+
+
+_vec_mat = numba.njit(cache=True)(_vec_mat_py) if numba is not None else None
+
+
 def _iterate_batch_py(K, a, b, ma, mb, f, g, eps, max_iter, tol, target, lo, hi, n_iter, err, status):
     """Sinkhorn iterations of every problem of a batch (compiled by numba; see the module docstring).
 
@@ -85,11 +98,7 @@ def _iterate_batch_py(K, a, b, ma, mb, f, g, eps, max_iter, tol, target, lo, hi,
             u[i] = 1.0 if ma[p, i] else 0.0
         for j in range(m):
             v[j] = 1.0 if mb[p, j] else 0.0
-        ktu[:] = 0.0
-        for i in range(n):
-            ui = u[i]
-            for j in range(m):
-                ktu[j] += ui * K[p, i, j]
+        _vec_mat(u, K[p], ktu)
         it = 0
         e = np.inf
         st = NOT_CONVERGED
@@ -97,18 +106,10 @@ def _iterate_batch_py(K, a, b, ma, mb, f, g, eps, max_iter, tol, target, lo, hi,
         while it < max_iter:
             for j in range(m):
                 v[j] = b[p, j] / ktu[j] if mb[p, j] else 0.0
-            kv[:] = 0.0
-            for j in range(m):
-                vj = v[j]
-                for i in range(n):
-                    kv[i] += KT[j, i] * vj
+            _vec_mat(v, KT, kv)             # K v
             for i in range(n):
                 u[i] = a[p, i] / kv[i] if ma[p, i] else 0.0
-            ktu[:] = 0.0
-            for i in range(n):
-                ui = u[i]
-                for j in range(m):
-                    ktu[j] += ui * K[p, i, j]
+            _vec_mat(u, K[p], ktu)          # K^T u
             it += 1
             ok = True
             for i in range(n):
@@ -160,29 +161,10 @@ def solve_numba(p, eps: float, max_iter: int, tol: float, levels: list[float]
         raise ValueError(f"backend='numba' runs on CPU tensors, got a cost on {cost.device}")
     B, n, m = cost.shape
     dt = cost.dtype
-    f = torch.zeros(B, n, dtype=dt)
-    f_nonzero = bool(levels)
-    if levels:      # eps-scaling phase in the log domain, exactly as the torch stabilised solver
-        zero = torch.zeros((), dtype=dt)
-        bias_a = torch.where(ma, zero, torch.full((), -math.inf, dtype=dt))
-        bias_b = torch.where(mb, zero, torch.full((), -math.inf, dtype=dt))
-        for e in levels:
-            g_l = torch.where(mb, e * (p.log_b - sk._col_lse(cost, f, bias_a, e)), zero)
-            f = torch.where(ma, e * (p.log_a - sk._row_lse(cost, g_l, bias_b, e)), zero)
+    f = sk._eps_scaling_phase(p, levels)      # the same start as the torch stabilised solver
     valid = ma.unsqueeze(-1) & mb.unsqueeze(-2) if p.padded else None
-    shifted = cost - f.unsqueeze(-1) if f_nonzero else cost
-    if valid is not None:
-        shifted = shifted.masked_fill(~valid, math.inf)
-    g = shifted.amin(-2)
-    if valid is not None:
-        g = torch.where(mb, g, 0.0)
-    del shifted
-    inv_eps = 1.0 / eps
     K = torch.empty(B, n, m, dtype=dt)
-    if f_nonzero or valid is not None:
-        sk._build_kernel_full(f, g, cost, valid, inv_eps, K)
-    else:
-        torch.sub(g.unsqueeze(-2), cost, out=K).mul_(inv_eps).exp_()
+    g = sk._c_transform_kernel(cost, f, bool(levels), mb, valid, 1.0 / eps, K)
     n_it = np.empty(B, np.int64)
     err = np.empty(B, np.float64)
     status = np.empty(B, np.int64)
