@@ -54,7 +54,7 @@ def _rowwise_adagrad_class():
                         continue
                     if not p.grad.is_sparse:
                         raise ValueError("SparseRowWiseAdagrad: mixed sparse and dense gradients in one step")
-                    grad = p.grad.coalesce()
+                    grad = p.grad.coalesce()    # a no-op when the caller coalesced it already
                     rows, vals = grad.indices()[0], grad.values()
                     state = self.state[p]
                     state["step"] += 1

@@ -180,8 +180,10 @@ class Trainer:
         if self.dense_opt is not None:
             self.dense_opt.zero_grad(set_to_none=True)
         total.backward()
-        grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad
-                 for p in self.model.parameters() if p.grad is not None]
+        for p in self.model.id_emb.parameters():    # row-sparse: duplicates summed once, here
+            if p.grad is not None and p.grad.is_sparse:
+                p.grad = p.grad.coalesce()
+        grads = [p.grad.values() if p.grad.is_sparse else p.grad for p in self.model.parameters() if p.grad is not None]
         gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
         if gnorm is not None and self._nonfinite("gradient", {"grad_norm": gnorm}):
             self.sparse_opt.zero_grad(set_to_none=True)
@@ -225,13 +227,17 @@ class Trainer:
                                         for r in range(flags.shape[0]) if flags[r].any()))
         return True
 
+    def _warn_once(self, msg: str, *args) -> None:
+        """A warning every rank would raise alike: logged once (rank 0), at DEBUG on the others."""
+        (log.warning if self.rank == 0 else log.debug)(msg, *args)
+
     def _skip_step(self, what: str, where: str) -> None:
         """Count and log a skipped step; raise :class:`NonFiniteError` at the limit."""
         st = self.state
         st.nonfinite_steps += 1
         limit = max(1, self.cfg.train.max_nonfinite_steps)
-        (log.warning if self.rank == 0 else log.debug)("step %d: non-finite %s (%s): step skipped on every rank, weights unchanged (%d of at most %d)",
-                    st.step + 1, what, where, st.nonfinite_steps, limit)
+        self._warn_once("step %d: non-finite %s (%s): step skipped on every rank, weights unchanged "
+                        "(%d of at most %d)", st.step + 1, what, where, st.nonfinite_steps, limit)
         if st.nonfinite_steps >= limit:
             raise NonFiniteError(f"{st.nonfinite_steps} training steps had a non-finite {what} (last at step "
                                  f"{st.step + 1}: {where}); train.max_nonfinite_steps="
@@ -408,9 +414,9 @@ class Trainer:
         pos = int(saved["position"])
         if saved_gb != gb:
             pos = (pos * saved_gb) // gb
-            (log.warning if self.rank == 0 else log.debug)("global batch %d in the checkpoint, %d now (world size changed): resuming epoch %d at batch "
-                        "%d; the data order from here differs from the original run", saved_gb, gb,
-                        int(saved["epoch"]), pos)
+            self._warn_once("global batch %d in the checkpoint, %d now (world size changed): resuming epoch %d "
+                            "at batch %d; the data order from here differs from the original run", saved_gb, gb,
+                            int(saved["epoch"]), pos)
         return {"epoch": int(saved["epoch"]), "position": pos}
 
     # ---- checkpoints ---------------------------------------------------------------------------
