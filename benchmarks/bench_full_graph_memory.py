@@ -1,6 +1,7 @@
 """Peak memory of full-graph LightGCN: the memory-lean ``full_graph_lightgcn`` against the previous
 implementation (kept below, verbatim, as ``previous_full_graph_lightgcn``), on a synthetic uniform
-random graph.
+random graph. Modes: ``previous``, ``lean`` (all users), ``lean_user_subset`` (``user_ids=``: one
+[n_users, d] layer buffer) and ``streamed_user_subset`` (``user_ids=, stream_users=True``: none).
 
     .venv/bin/python -m benchmarks.bench_full_graph_memory --users 2000000 --items 200000 --edges 20000000
 
@@ -91,6 +92,8 @@ def run_one(mode: str, data_dir: str, layers: int, user_sample: int, out_path: s
         u = u[users]
     elif mode == "lean_user_subset":
         u, i = full_graph_lightgcn(ui, iu, lookup, layers, tu.shape[1], user_ids=users)
+    elif mode == "streamed_user_subset":
+        u, i = full_graph_lightgcn(ui, iu, lookup, layers, tu.shape[1], user_ids=users, stream_users=True)
     else:
         raise ValueError(mode)
     wall = time.perf_counter() - t0
@@ -130,7 +133,7 @@ def main() -> None:
         del ui, iu
         build_s = time.perf_counter() - t0
         res = {}
-        for mode in ("previous", "lean", "lean_user_subset"):
+        for mode in ("previous", "lean", "lean_user_subset", "streamed_user_subset"):
             out = str(Path(tmp) / f"{mode}.pt")
             subprocess.run([sys.executable, "-m", "benchmarks.bench_full_graph_memory", "--layers", str(a.layers),
                             "--user-sample", str(a.user_sample), "--child", mode, tmp, out], check=True)

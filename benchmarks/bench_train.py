@@ -1,12 +1,9 @@
 """End-to-end training throughput of RecGOAT with a step-time breakdown and peak RSS per rank.
 
 Cases: synthetic datasets (two item modalities + user profiles, ``goat_dist.data.synth.generate``)
-of 1M and 10M interactions (``--sizes``; ``200m`` reads the scale run's dataset and graph cache
-read-only with its config ``configs/scale_200m.yaml``, only when the folder holds ``READY``, and
-only at world size 1 so far: whether two ranks fit in 24 GB beside each other (each loads the splits,
-2.3 GB, and holds its shard of the 22M-row tables; the graphs are memory-mapped and shared) is not
-measured yet; see ``EXTERNAL``),
-each trained by
+of 1M and 10M interactions (``--sizes``; ``100m`` and ``200m`` read the scale datasets and their graph
+cache read-only with the scale run's config ``configs/scale_200m.yaml`` -- 2 LightGCN layers,
+fanouts [10, 5] --, only when the folder holds ``READY``; see ``EXTERNAL``), each trained by
 
 - ``Trainer`` (world size 1, the single-process engine),
 - ``DistributedTrainer`` at world size 1 and 2 (torchrun, gloo, TorchRec row-wise tables, DeepSpeed
@@ -62,10 +59,15 @@ SIZES: dict[str, dict[str, int]] = {
     "10m": {"users": 100_000, "items": 20_000, "interactions": 10_000_000},
 }
 SYNTH = {"modalities": {"image": 64, "text": 48}, "user_profiles": 32, "seed": 0}
+SCALE_PLAN = [("single", 1), ("dist", 1), ("dist", 2)]
 EXTERNAL: dict[str, dict[str, Any]] = {
-    "200m": {"path": Path("/work/scale/synth200m"), "config": "configs/scale_200m.yaml", "plan": [("single", 1)]}}
-"""Datasets made by the scale run (read-only; used when ``READY`` exists in the folder), the config
-whose graph settings and cache they were built with, and the (trainer, world size) cases that fit."""
+    # goat data synth --users 10000000 --items 1000000 --interactions 100000000 --out /work/scale/synth100m \
+    #     --modalities image:64,text:64 --user-profiles 64
+    "100m": {"path": Path("/work/scale/synth100m"), "config": "configs/scale_200m.yaml", "plan": SCALE_PLAN},
+    "200m": {"path": Path("/work/scale/synth200m"), "config": "configs/scale_200m.yaml", "plan": SCALE_PLAN}}
+"""Datasets made for the scale run (read-only; used when ``READY`` exists in the folder), the config
+whose graph settings and cache they were built with (``data.path`` set to the folder), and the
+(trainer, world size) cases run on them."""
 BASE_CONFIG = "configs/synthetic.yaml"
 PHASES = ("sampling", "lookup", "dense_fwd_bwd", "ot", "infonce", "optimiser")
 

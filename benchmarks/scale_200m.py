@@ -14,8 +14,10 @@ Phases, each timed (wall seconds) with the peak RSS seen during it (a thread sam
    forward, losses, backward, fused sparse optimiser + dense optimiser); the loss every step.
 5. ``eval``: Recall/NDCG/... @K on ``eval.user_sample`` sampled users (the engine's user sample),
    valid and test splits, train items masked: representations of all items and of the sampled
-   users (``compute_all_representations(user_ids=)``: the memory-lean full-graph pass for LightGCN
-   and items, the user GAT on the sampled users' k-hop subgraph), computed once, scored for both.
+   users (``compute_all_representations(user_ids=, stream_users=eval.stream_users)``: the memory-lean
+   full-graph pass for LightGCN and items -- with ``stream_users`` the users are streamed through the
+   layers, no [n_users, d] buffer --, the user GAT on the sampled users' k-hop subgraph), computed
+   once, scored for both.
 
 Writes ``--out`` (default ``benchmarks/results/scale_200m.json``). The run's own log lines and
 ``metrics.jsonl`` (train loss events) go to ``--run-dir``.
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         users = trainer._eval_users()
         user_reps, item_reps = trainer.model.compute_all_representations(
             graphs.ui.user_items, graphs.ui.item_users, trainer.item_features, trainer.user_features,
-            graphs.item_item, graphs.user_user, user_ids=users)
+            graphs.item_item, graphs.user_user, user_ids=users, stream_users=bool(cfg.eval.stream_users))
         item_t = item_reps.t().contiguous()
         score = lambda ub: user_reps[torch.searchsorted(users, ub)] @ item_t  # noqa: E731
         metrics = {}
@@ -171,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                 metrics[split] = finalize(metric_sums(score, users, heldout, [trainer._train_csr],
                                                       list(cfg.eval.ks), cfg.eval.batch_size))
     result["eval"] = {"user_sample": int(users.numel()), "representations": (
-        "all items and the sampled users: compute_all_representations(user_ids=sample), whose user branch "
-        "runs the user GAT over the sampled users' k-hop user-user subgraph only"),
+        "all items and the sampled users: compute_all_representations(user_ids=sample, stream_users="
+        f"{bool(cfg.eval.stream_users)}), whose user branch runs the user GAT over the sampled users' k-hop "
+        "user-user subgraph only" + (" and whose LightGCN pass streams the users (no [n_users, d] buffer)"
+                                     if cfg.eval.stream_users else "")),
         **metrics}
     if args.check_eval:  # the reference: the model's own full-graph call (all users' user branch)
         full_u, full_i = trainer.model.compute_all_representations(

@@ -297,6 +297,11 @@ class DistributedTrainer(Trainer):
         """(representations of the ``users`` in this rank's user block, full item table, the shard):
         every rank computes its row blocks of the LightGCN layers, encoders, fusion and user branch."""
         shard = process_group_shard() if self.world_size > 1 else RowShard()
+        stream = bool(self.cfg.eval.stream_users) and users.numel() < self.dataset.n_users
+        if stream and self.world_size > 1:
+            self._warn_once("eval.stream_users is ignored at world size %d (the layer buffers are row-sharded)",
+                            self.world_size)
+            stream = False
         # DeepSpeed keeps the dense parameters as views into flat buffers, at offsets that are not
         # 64-byte aligned; MKL's GEMM result depends on the operands' alignment (seen: 2e-7 apart
         # for the same values), so the pass runs on freshly allocated copies, like one process's.
@@ -309,7 +314,7 @@ class DistributedTrainer(Trainer):
             user_reps, item_reps = self.model.compute_all_representations(
                 self.graphs.ui.user_items, self.graphs.ui.item_users, self.item_features, self.user_features,
                 self.graphs.item_item, self.graphs.user_user, chunk_size=self.eval_chunk_size, user_ids=users,
-                shard=shard)
+                shard=shard, stream_users=stream)
         finally:
             for p, data in zip(dense, saved):
                 p.data = data

@@ -280,7 +280,8 @@ class Trainer:
         then accepts only ids from ``users``."""
         user_reps, item_reps = self.model.compute_all_representations(
             self.graphs.ui.user_items, self.graphs.ui.item_users, self.item_features, self.user_features,
-            self.graphs.item_item, self.graphs.user_user, user_ids=users)
+            self.graphs.item_item, self.graphs.user_user, user_ids=users,
+            stream_users=bool(self.cfg.eval.stream_users and users is not None))
         item_t = item_reps.t().contiguous()
         if users is None:
             return lambda ub: user_reps[ub.to(user_reps.device)] @ item_t

@@ -266,9 +266,116 @@ def csr_rows_spmm(csr: CSR, ids: Tensor, h: Tensor, chunk_size: int = 65536, val
     return out
 
 
+def _t_spmm_add_py(indptr, indices, vals, h, out, r0, r1):  # pragma: no cover - compiled by numba
+    d = h.shape[1]
+    for r in range(r0, r1):
+        for e in range(indptr[r], indptr[r + 1]):
+            c = indices[e]
+            w = vals[e]
+            for k in range(d):
+                out[c, k] += w * h[r - r0, k]
+
+
+try:  # optional: the compiled transposed product (a torch index_add_ path runs without it)
+    import numba as _numba
+    _t_spmm_add = _numba.njit(cache=True, nogil=True)(_t_spmm_add_py)
+except ImportError:  # pragma: no cover - numba is pinned by `make install`
+    _t_spmm_add = None
+
+
+def csr_t_spmm_add(csr: CSR, h: Tensor, out: Tensor, rows: tuple[int, int], values: Tensor | None = None,
+                   compiled: bool | None = None) -> Tensor:
+    """``out[c] += sum_{r in [r0, r1)} values[rc] * h[r - r0]`` over the entries (r, c) of the rows
+    ``[r0, r1)``: the transposed product ``A[r0:r1]^T @ h`` added into ``out`` without building the
+    transpose (a user chunk's contribution to every item). Entries are added row by row in CSR order.
+
+    ``compiled``: True = the numba loop (float32/float64 CPU tensors; ~2x a sparse matmul of the
+    transposed CSR, in place, no [E, d] messages), False = ``index_add_`` of [E, d] messages (any device),
+    None = the compiled loop when numba imports and the tensors are on the CPU.
+
+    **Shapes:** h [r1 - r0, d], out [>= n_cols, d] (updated in place) -> out.
+    """
+    vals = csr_norm_values(csr) if values is None else values
+    r0, r1 = int(rows[0]), int(rows[1])
+    if h.shape[0] != r1 - r0:
+        raise ValueError(f"csr_t_spmm_add: h has {h.shape[0]} rows for the CSR rows [{r0}, {r1})")
+    if r1 <= r0:
+        return out
+    fits = h.device.type == out.device.type == vals.device.type == "cpu" and out.is_contiguous() \
+        and h.dtype == out.dtype == vals.dtype and h.dtype in (torch.float32, torch.float64)
+    use = _t_spmm_add is not None and fits if compiled is None else bool(compiled)
+    if use:
+        if _t_spmm_add is None:
+            raise RuntimeError("csr_t_spmm_add(compiled=True) needs numba (pip install numba)")
+        if not fits:
+            raise ValueError("csr_t_spmm_add(compiled=True): CPU tensors, a contiguous out and one float32/"
+                             f"float64 dtype for h, out and values (got {h.dtype}, {out.dtype}, {vals.dtype})")
+        _t_spmm_add(csr.indptr.numpy(), csr.indices.numpy(), vals.numpy(), h.contiguous().numpy(),
+                     out.numpy(), r0, r1)
+        return out
+    e0, e1 = int(csr.indptr[r0]), int(csr.indptr[r1])
+    if e1 > e0:
+        deg = (csr.indptr[r0 + 1:r1 + 1] - csr.indptr[r0:r1]).to(torch.int64)
+        src = torch.repeat_interleave(torch.arange(r1 - r0), deg).to(h.device)
+        msg = h.index_select(0, src) * vals[e0:e1].to(h.device, h.dtype).unsqueeze(1)
+        out.index_add_(0, csr.indices[e0:e1].to(torch.int64).to(out.device), msg)
+    return out
+
+
+def _lightgcn_streamed_users(user_items: CSR, lookup: Callable[[str, Tensor], Tensor], num_layers: int, dim: int,
+                             device: torch.device | str, chunk_size: int, user_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Single-process ``full_graph_lightgcn`` for a user subset WITHOUT any [n_users, d] buffer.
+
+    Pass k (k = 0..L-1) walks the users in chunks: their layer k (k = 0: the table; else
+    ``A_ui[chunk] @ items_{k-1}``) is added to the kept users' accumulators and its transposed
+    product ``A_ui[chunk]^T @ users_k`` (``csr_t_spmm_add``) into items_{k+1}; the kept users' layer L
+    is ``A_ui[ids] @ items_{L-1}`` at the end. Memory: 3 item layers + the item accumulator + one user
+    chunk (+ |ids| rows), against n_users rows for the buffered pass. The item sums run in another
+    order than the buffered pass's ``A_iu @ users_k`` (same values up to float rounding)."""
+    n_users, n_items = user_items.n_rows, user_items.n_cols
+    sh = RowShard()
+    vu = csr_norm_values(user_items)
+    ids = user_ids.to(torch.int64).cpu()
+    order = torch.argsort(ids)
+    sorted_ids = ids[order]
+    acc_u = torch.zeros((ids.numel(), dim), device=device)
+    cur = torch.empty((n_items, dim), device=device)     # items_k
+    for s, e in sh.chunks(n_items, chunk_size):
+        if e > s:
+            cur[s:e] = lookup(ITEM, torch.arange(s, e, device=device)).to(cur.dtype)
+        else:
+            lookup(ITEM, torch.arange(s, e, device=device))
+    acc_i = cur.clone()
+    prev = None                                          # items_{k-1}
+    for k in range(max(num_layers, 1)):
+        nxt = torch.zeros_like(cur) if k < num_layers else None   # items_{k+1}
+        for s, e in sh.chunks(n_users, chunk_size):
+            if k == 0:
+                h = lookup(USER, torch.arange(s, e, device=device)).to(acc_u.dtype)
+            elif e > s:
+                h = csr_spmm(user_items, prev, chunk_size, vu, rows=(s, e))
+            if e <= s:
+                continue
+            lo, hi = int(torch.searchsorted(sorted_ids, s)), int(torch.searchsorted(sorted_ids, e))
+            if hi > lo:
+                acc_u.index_add_(0, order[lo:hi].to(device), h.index_select(0, (sorted_ids[lo:hi] - s).to(device)))
+            if nxt is not None:
+                csr_t_spmm_add(user_items, h, nxt, (s, e), vu)
+        if nxt is None:
+            break
+        acc_i += nxt
+        prev, cur = cur, nxt
+        log.debug("streamed full-graph LightGCN: layer %d of %d done", k + 1, num_layers)
+    if num_layers:
+        acc_u += csr_rows_spmm(user_items, ids, prev, chunk_size, vu)
+    scale = float(num_layers + 1)
+    return acc_u.div_(scale), acc_i.div_(scale)
+
+
 def full_graph_lightgcn(user_items: CSR, item_users: CSR, lookup: Callable[[str, Tensor], Tensor], num_layers: int,
                         dim: int, device: torch.device | str = "cpu", chunk_size: int = 65536,
-                        user_ids: Tensor | None = None, shard: RowShard | None = None) -> tuple[Tensor, Tensor]:
+                        user_ids: Tensor | None = None, shard: RowShard | None = None,
+                        stream_users: bool = False) -> tuple[Tensor, Tensor]:
     """Full-graph LightGCN, layer by layer in row chunks, memory-lean and optionally row-sharded.
 
     ``lookup(node_type, ids)`` returns the layer-0 embeddings of ``ids`` (called once per grid chunk of
@@ -286,6 +393,11 @@ def full_graph_lightgcn(user_items: CSR, item_users: CSR, lookup: Callable[[str,
     item accumulator: 2 n_u + 3 n_i rows (n_u + 3 n_i with ``user_ids``), against 5 (n_u + n_i) + the
     tables before. With W ranks: the two gathered layer tables n_u + n_i plus 2 blocks of each type.
 
+    ``stream_users`` (single process, with ``user_ids``): no [n_users, d] buffer at all -- the users
+    are streamed chunk by chunk through every layer and pushed to the items by the transposed product
+    (``_lightgcn_streamed_users``): n_u rows less (5 GB at 20M users, d 64), equal up to float rounding
+    (the item sums run in another order), ~the same time with numba.
+
     Returns ``(users, items)``: single process [n_users or len(user_ids), d], [n_items, d]; with a
     shard, users = rows of this rank's user block (the ``user_ids`` in it, in the given order) and
     items = rows ``shard.block(n_items)`` of the items.
@@ -293,6 +405,12 @@ def full_graph_lightgcn(user_items: CSR, item_users: CSR, lookup: Callable[[str,
     **Shapes:** -> ([n_u_out, d], [n_i_out, d]).
     """
     sh = shard or RowShard()
+    if stream_users:
+        if user_ids is None or sh.world_size > 1:
+            raise ValueError("full_graph_lightgcn(stream_users=True) needs user_ids and a single process "
+                             f"(got user_ids={'None' if user_ids is None else user_ids.numel()}, "
+                             f"world size {sh.world_size})")
+        return _lightgcn_streamed_users(user_items, lookup, num_layers, dim, device, int(chunk_size), user_ids)
     n_users, n_items = user_items.n_rows, item_users.n_rows
     cs = int(chunk_size)
     (u0, u1), (i0, i1) = sh.block(n_users, cs), sh.block(n_items, cs)

@@ -250,7 +250,7 @@ class RecGOAT(nn.Module):
                                     user_features: FeatureSource | None = None,
                                     item_graphs: Mapping[str, CSR] | None = None, user_graph: CSR | None = None,
                                     chunk_size: int = 65536, user_ids: Tensor | None = None,
-                                    shard: RowShard | None = None) -> tuple[Tensor, Tensor]:
+                                    shard: RowShard | None = None, stream_users: bool = False) -> tuple[Tensor, Tensor]:
         """Scoring representations of ALL items and of all (or the given) users (eval mode, full
         graphs, chunked; optionally row-sharded over ranks).
 
@@ -269,6 +269,8 @@ class RecGOAT(nn.Module):
                 user branch run on this rank's row blocks (per-layer all-gathers); the fused item
                 table is all-gathered. Collective: every rank calls it with the same arguments.
                 Bit-identical, row for row, to the single-process call.
+            stream_users: single process with ``user_ids``: the LightGCN pass holds no [n_users, d]
+                buffer (``full_graph_lightgcn(stream_users=True)``; equal up to float rounding).
 
         The OAT plan comes from the training EMA of the statistics (as in eval-mode ``forward``);
         before any training step, from the statistics of all items. Dropout is off.
@@ -290,7 +292,8 @@ class RecGOAT(nn.Module):
                 return self.id_emb(empty, ids)[1]
 
             u_id, i_id = full_graph_lightgcn(user_items, item_users, lookup, self.cfg.id_layers, self.dim,
-                                             device, chunk_size, user_ids=user_ids, shard=sh)
+                                             device, chunk_size, user_ids=user_ids, shard=sh,
+                                             stream_users=stream_users)
             item_features, item_graphs = item_features or {}, item_graphs or {}
             xs = [self.item_encoders[m].full_graph(item_graphs.get(m), item_features[m], self.n_items, chunk_size,
                                                    shard=sh) for m in self.modalities]

@@ -112,3 +112,7 @@ def test_sampled_user_eval_builds_only_those_users_and_matches_full_tables(tmp_p
     for key, value in full.items():
         assert sampled[key] == pytest.approx(value, abs=1e-12), key
     assert torch.allclose(score(users), trainer._scorer(None)(users), atol=1e-5)
+    # eval.stream_users: the streamed LightGCN pass gives the same scores up to float rounding
+    trainer.cfg.eval.stream_users = True
+    streamed = trainer._scorer(users)
+    assert torch.allclose(streamed(users), trainer._scorer(None)(users), atol=1e-5)

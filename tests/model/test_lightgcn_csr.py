@@ -50,7 +50,9 @@ def test_csr_aggregate_empty_relation():
 # Full-graph LightGCN: the memory-lean pass against the straightforward one it replaced
 
 from goat_dist.graph.csr import CSR  # noqa: E402
-from goat_dist.model.lightgcn import csr_norm_values, csr_rows_spmm, csr_spmm, full_graph_lightgcn  # noqa: E402
+import goat_dist.model.lightgcn as lightgcn_mod  # noqa: E402
+from goat_dist.model.lightgcn import (csr_norm_values, csr_rows_spmm, csr_spmm, csr_t_spmm_add,  # noqa: E402
+                                     full_graph_lightgcn)
 
 
 def _dense(csr):
@@ -122,3 +124,61 @@ def test_csr_spmm_rows_and_out_buffer():
     assert part.data_ptr() == out.data_ptr() and torch.equal(part, full[35:170])  # empty rows zeroed
     ids = torch.tensor([299, 45, 0, 45, 120])
     assert torch.equal(csr_rows_spmm(ui, ids, h, chunk_size=2), full[ids])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 65536])
+@pytest.mark.parametrize("num_layers", [0, 1, 2, 3])
+def test_streamed_user_subset_matches_reference(chunk_size, num_layers):
+    """stream_users=True (no [n_users, d] buffer): the kept users and all items equal the float64
+    dense reference and the buffered pass up to float rounding; lookups as in the buffered pass."""
+    n_users, n_items, d = 263, 91, 8
+    ui, iu = _random_graph(n_users, n_items, 1700, seed=11 * chunk_size + num_layers, empty_users=(0, 7, 262),
+                           empty_items=(3, 90))
+    g = torch.Generator().manual_seed(chunk_size + 5 * num_layers)
+    table_u, table_i = torch.randn(n_users, d, generator=g), torch.randn(n_items, d, generator=g)
+    calls = []
+
+    def lookup(t, ids):
+        calls.append(ids.numel())
+        assert ids.numel() <= chunk_size
+        return (table_u if t == "user" else table_i)[ids]
+
+    ids = torch.tensor([262, 3, 0, 3, 200, 17, 7, 130])
+    ref_u, ref_i = _reference_full_graph(ui, iu, table_u, table_i, num_layers)
+    got_u, got_i = full_graph_lightgcn(ui, iu, lookup, num_layers, d, chunk_size=chunk_size, user_ids=ids,
+                                       stream_users=True)
+    assert got_u.shape == (ids.numel(), d) and got_i.shape == (n_items, d) and got_u.dtype == torch.float32
+    torch.testing.assert_close(got_u.double(), ref_u[ids], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got_i.double(), ref_i, atol=1e-6, rtol=1e-6)
+    assert sum(calls) == n_users + n_items
+    buf_u, buf_i = full_graph_lightgcn(ui, iu, lookup, num_layers, d, chunk_size=chunk_size, user_ids=ids)
+    torch.testing.assert_close(got_u, buf_u, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got_i, buf_i, atol=1e-6, rtol=1e-6)
+
+
+def test_streamed_users_needs_user_ids_and_one_process():
+    ui, iu = _random_graph(20, 10, 60, seed=0)
+    lookup = lambda t, ids: torch.zeros(ids.numel(), 4)  # noqa: E731
+    with pytest.raises(ValueError, match="needs user_ids"):
+        full_graph_lightgcn(ui, iu, lookup, 2, 4, stream_users=True)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_csr_t_spmm_add_matches_dense_transpose(compiled):
+    """The transposed product of a row range added into ``out``: numba loop and index_add_ path
+    against the dense float64 A[r0:r1]^T @ h, on fresh random inputs (padded out, empty rows)."""
+    if compiled and lightgcn_mod._t_spmm_add is None:
+        pytest.skip("numba not installed")
+    ui, _ = _random_graph(120, 45, 900, seed=int(torch.randint(0, 10_000, ()).item()), empty_users=range(30, 50))
+    dense = _dense(ui)
+    h = torch.randn(120, 6)
+    for r0, r1 in [(0, 120), (25, 55), (31, 40), (70, 70)]:
+        start = torch.randn(50, 6)
+        out = start.clone()
+        got = csr_t_spmm_add(ui, h[r0:r1], out, (r0, r1), compiled=compiled)
+        assert got is out
+        ref = start.double().clone()
+        ref[:45] += dense[r0:r1].t() @ h[r0:r1].double()
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="rows"):
+        csr_t_spmm_add(ui, h[:3], torch.zeros(45, 6), (0, 4), compiled=compiled)

@@ -176,3 +176,7 @@ def test_user_ids_runs_the_user_branch_on_their_neighbourhood_only(gat_layers, m
     assert seen and max(seen) < data.n_users
     torch.testing.assert_close(sub_u, full_u[ids], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sub_i, full_i, rtol=0, atol=0)
+    # the streamed LightGCN pass (no [n_users, d] buffer): the same representations up to rounding
+    st_u, st_i = model.compute_all_representations(*args, chunk_size=5, user_ids=ids, stream_users=True)
+    torch.testing.assert_close(st_u, full_u[ids], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st_i, full_i, rtol=1e-5, atol=1e-5)
