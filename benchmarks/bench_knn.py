@@ -39,6 +39,7 @@ class PeakRSS:
 
     def __init__(self, interval_s: float = 0.2):
         self.interval_s, self.phase_peak, self._stop = interval_s, 0, threading.Event()
+        self.phase_peak_split: dict[str, int] = {}  # RssAnon / RssFile / RssShmem at the phase peak
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -49,13 +50,29 @@ class PeakRSS:
                 return int(line.split()[1]) * 1024
         return 0
 
+    @staticmethod
+    def _sample() -> dict[str, int]:
+        out = {}
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(line.split()[1]) * 1024
+        return out
+
+    def _take(self) -> None:
+        s = self._sample()
+        if s.get("VmRSS", 0) >= self.phase_peak:
+            self.phase_peak = s.get("VmRSS", 0)
+            self.phase_peak_split = {k: v for k, v in s.items() if k != "VmRSS"}
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.phase_peak = max(self.phase_peak, self._status("VmRSS"))
+            self._take()
             time.sleep(self.interval_s)
 
     def reset(self) -> None:
-        self.phase_peak = self._status("VmRSS")
+        self.phase_peak = 0
+        self._take()
 
     def hwm(self) -> int:
         return self._status("VmHWM")

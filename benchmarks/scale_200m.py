@@ -3,7 +3,8 @@
     /usr/bin/time -v python -m benchmarks.scale_200m -c configs/scale_200m.yaml --run-dir /work/scale/run200m
 
 Phases, each timed (wall seconds) with the peak RSS seen during it (a thread samples VmRSS every
-0.2 s; the overall peak is the kernel's VmHWM, file-backed memory-mapped pages included):
+0.2 s, and its split into anonymous / file-backed / shared memory at that peak; the overall peak is the
+kernel's VmHWM, file-backed memory-mapped pages included):
 
 1. ``data``: ``prepare_dataset`` (parse the goat-format text splits; features memory-mapped).
 2. ``graph_ui``, ``knn_<modality>``, ``user_user``: ``build_graphs`` (each graph is built once and
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     rss = PeakRSS()
     phases: dict[str, float] = {}
     phase_rss: dict[str, float] = {}
+    phase_split: dict[str, dict[str, int]] = {}
     result: dict = {"command": " ".join([sys.executable, "-m", "benchmarks.scale_200m", *(argv or sys.argv[1:])]),
                     "config": to_dict(cfg), "load_average_start": list(os.getloadavg())}
     out = Path(args.out)
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     def write(status: str) -> None:
         result.update(status=status, phase_seconds={k: round(v, 1) for k, v in phases.items()},
                       phase_peak_rss_gb={k: round(v / 2**30, 2) for k, v in phase_rss.items()},
+                      phase_peak_rss_split_gb={k: {n: round(b / 2**30, 2) for n, b in v.items()}
+                                               for k, v in phase_split.items()},
                       peak_rss_gb=round(rss.hwm() / 2**30, 2), load_average_now=list(os.getloadavg()),
                       machine=machine_info())
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -106,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("phase %s ...", name)
         yield
         phases[name] = time.perf_counter() - t0
-        phase_rss[name] = rss.phase_peak
-        log.info("phase %s: %.1fs, peak RSS in phase %.2f GB", name, phases[name], rss.phase_peak / 2**30)
+        phase_rss[name], phase_split[name] = rss.phase_peak, dict(rss.phase_peak_split)
+        log.info("phase %s: %.1fs, peak RSS in phase %.2f GB (%s)", name, phases[name], rss.phase_peak / 2**30,
+                 ", ".join(f"{k} {v / 2**30:.2f}" for k, v in rss.phase_peak_split.items()))
         write("running")
 
     with phase("data"):
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     graphs = build_graphs(ds, cfg.graph, modalities, user_feature is not None, user_feature, timings=graph_t)
     phases.update(graph_t)
-    phase_rss["graphs"] = rss.phase_peak
+    phase_rss["graphs"], phase_split["graphs"] = rss.phase_peak, dict(rss.phase_peak_split)
     result["graphs"] = {"ui_edges": graphs.ui.nnz, "item_item_edges": {m: g.nnz for m, g in graphs.item_item.items()},
                         "user_user_edges": None if graphs.user_user is None else graphs.user_user.nnz,
                         "seconds_total": round(time.perf_counter() - t0, 1)}
@@ -165,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             graphs.ui.user_items, graphs.ui.item_users, trainer.item_features, trainer.user_features,
             graphs.item_item, graphs.user_user, user_ids=users, stream_users=bool(cfg.eval.stream_users))
         item_t = item_reps.t().contiguous()
+        del item_reps  # the transposed copy is all the scoring needs (512 MB at 2M items)
         score = lambda ub: user_reps[torch.searchsorted(users, ub)] @ item_t  # noqa: E731
         metrics = {}
         for split in ("valid", "test"):
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             graphs.ui.user_items, graphs.ui.item_users, trainer.item_features, trainer.user_features,
             graphs.item_item, graphs.user_user)
         result["eval"]["check_vs_full_graph_max_abs_diff"] = {
-            "users": float((full_u[users] - user_reps).abs().max()), "items": float((full_i - item_reps).abs().max())}
+            "users": float((full_u[users] - user_reps).abs().max()), "items": float((full_i - item_t.t()).abs().max())}
         log.info("eval check against the full-graph representations: %s", result["eval"]["check_vs_full_graph_max_abs_diff"])
     trainer.close()
     write("done")

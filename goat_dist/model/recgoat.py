@@ -303,13 +303,12 @@ class RecGOAT(nn.Module):
             block = items[:sh.block_rows(self.n_items, chunk_size)] if sh.world_size == 1 else \
                 items.new_empty((sh.block_rows(self.n_items, chunk_size), self.dim))
             if isinstance(self.fusion, OATFusion):
-                stacked = torch.stack(xs)
                 flat = self.fusion.ema_statistics()
                 if flat is None:  # before any training step: statistics of ALL items
-                    flat = self.fusion.statistics(*self._gather_items(i_id, stacked, sh, chunk_size))
+                    flat = self.fusion.statistics(*self._gather_items(i_id, torch.stack(xs), sh, chunk_size))
                 plan, _, _ = self.fusion.solve(flat)
-                for s, e in chunks:
-                    block[s:e] = self.fusion.fuse(i_id[s:e], stacked[:, s:e], plan)[0]
+                for s, e in chunks:  # views stacked per chunk: no [M, n_items, d] copy
+                    block[s:e] = self.fusion.fuse(i_id[s:e], torch.stack([x[s:e] for x in xs]), plan)[0]
             else:
                 for s, e in chunks:
                     part = torch.stack([x[s:e] for x in xs]) if xs else i_id.new_zeros((0, e - s, self.dim))
