@@ -10,7 +10,8 @@ Why W ranks with per-rank batch b train exactly like one process with batch W*b:
   order and negatives) is the single-process batch k, and rank r takes its contiguous slice.
 - Init: the model is initialised exactly as the single-process trainer does (``materialize_`` with
   the same seed, on the CPU); the sharder copies the tables' rows into this rank's shards and the
-  full tables are dropped. (Costs the full tables in host memory once, at start-up.)
+  full tables are dropped (``release_in_backward_optimizers``: torch's in-backward optimiser
+  registry would keep them alive). (Costs the full tables in host memory once, at start-up.)
 - Loss: ``compute_loss`` follows the "shares" convention (global value, local-share gradient;
   InfoNCE negatives all-gathered; OAT statistics all-reduced with an autograd all-reduce, so every
   rank solves the same transport problem). Summing gradients over ranks gives the single-process

@@ -111,8 +111,27 @@ def shard_tables(model: nn.Module, sharding: str, optimizer: str, lr: float, dev
     group = group or dist.GroupMember.WORLD
     sharders = [EmbeddingCollectionSharder()]
     plan = make_plan(model, sharding, dist.get_world_size(group), device, sharders, group)
-    return DistributedModelParallel(model, env=ShardingEnv.from_process_group(group), device=device, plan=plan,
-                                    sharders=sharders, init_data_parallel=False)
+    unsharded = [p for coll in find_collections(model).values() for p in coll.parameters()]
+    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(group), device=device, plan=plan,
+                                   sharders=sharders, init_data_parallel=False)
+    release_in_backward_optimizers(unsharded)
+    return dmp
+
+
+def release_in_backward_optimizers(params: list[torch.Tensor]) -> None:
+    """Undo ``_apply_optimizer_in_backward`` on ``params`` (the unsharded tables, once the sharder has
+    read their optimiser spec): remove the hooks and the registry entries, so that the tables can be
+    freed. Torch keeps each parameter's AccumulateGrad node in a ``WeakTensorKeyDictionary`` whose
+    value references the parameter itself, so without this every full table outlives the sharding
+    (seen: +5.6 GB per rank for the 22M x 64 tables of the 200M run)."""
+    from torch.distributed.optim import apply_optimizer_in_backward as aob
+
+    for p in params:
+        for handle in aob.param_to_optim_hook_handle_map.pop(p, None) or []:
+            handle.remove()
+        aob.param_to_acc_grad_map.pop(p, None)
+        for attr in ("_in_backward_optimizers", "_optimizer_classes", "_optimizer_kwargs"):
+            p.__dict__.pop(attr, None)
 
 
 def _sharded_tables(module: nn.Module) -> dict[str, object]:
