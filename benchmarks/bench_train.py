@@ -366,7 +366,17 @@ def run_size(size: str, args: argparse.Namespace, workdir: Path) -> list[dict[st
              time.perf_counter() - t0, prep["n_users"], prep["n_items"], prep["n_train"])
     plan = EXTERNAL[size]["plan"] if size in EXTERNAL else [("single", 1), ("dist", 1), ("dist", 2)]
     for trainer, W in plan:
-        ranks = launch(trainer, W, sets, workdir / size / f"{trainer}_w{W}", args.steps, args.warmup, config=config)
+        try:
+            ranks = launch(trainer, W, sets, workdir / size / f"{trainer}_w{W}", args.steps, args.warmup,
+                           config=config)
+        except RuntimeError as exc:  # e.g. a rank killed by the kernel's OOM killer: record it, go on
+            log.error("size %s %s W=%d failed: %s", size, trainer, W, exc)
+            cases.append({"size": size, "trainer": "Trainer" if trainer == "single" else "DistributedTrainer",
+                          "world_size": W, "failed": str(exc).splitlines()[0] + (
+                              "; a rank received SIGKILL (on this box: the kernel's OOM killer)"
+                              if "SIGKILL" in str(exc) else ""),
+                          "log": str(workdir / size / f"{trainer}_w{W}" / "log.txt")})
+            continue
         c = {"size": size, "trainer": "Trainer" if trainer == "single" else "DistributedTrainer",
              "fanouts": "config", **summarise(ranks), "prepare": {"seconds": prep["build_s"],
                                                                   "peak_rss_mb": prep["peak_rss_mb"]}}
@@ -375,7 +385,7 @@ def run_size(size: str, args: argparse.Namespace, workdir: Path) -> list[dict[st
                  c["triples_per_s"], c["step_wall_s"], c["peak_rss_mb_per_rank"])
     base = next((c for c in cases if c["trainer"] == "DistributedTrainer" and c["world_size"] == 1), None)
     for c in cases:
-        if base is not None and c["trainer"] == "DistributedTrainer" and c["world_size"] == 2:
+        if base is not None and c["trainer"] == "DistributedTrainer" and c["world_size"] == 2 and "failed" not in c:
             c["baseline"] = "DistributedTrainer world size 1, same data and per-rank batch"
             c["ratio"] = c["triples_per_s"] / base["triples_per_s"]
             c["scaling_efficiency"] = c["ratio"] / 2
@@ -432,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                "note": "CPU shared with other jobs while measured (2 cores): timings are inflated and noisy; "
                        "world size 2 runs both ranks on the same 2 cores"}
     path = write_json(args.json, payload)
-    ran = [c for c in cases if "skipped" not in c]
+    ran = [c for c in cases if "skipped" not in c and "failed" not in c]
     if ran:
         labels = [f"{c['size']} {'T' if c['trainer'] == 'Trainer' else 'DT'} W{c['world_size']}"
                   + (" fo-1" if str(c['fanouts']).startswith("-1") else "") for c in ran]

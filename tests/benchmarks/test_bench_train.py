@@ -127,3 +127,29 @@ def test_quick_runs_never_overwrite_full_results():
     assert argv[:2] == ["--quick", "--json"] and argv[2].endswith("results/bench_sinkhorn_quick.json")
     assert cli._bench_argv("sampler", ["--quick", "--json", "x.json"]) == ["--quick", "--json", "x.json"]
     assert cli._bench_argv("train", ["--steps", "3"]) == ["--steps", "3"]
+
+
+def test_a_failed_case_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    """A case whose rank dies (e.g. the OOM killer's SIGKILL) becomes a ``failed`` entry; the size's
+    other cases are still measured and summarised (nothing measured before it is lost)."""
+    import argparse
+
+    rank = {"steps": [{"wall": 1.0, "triples": 8, "edges": 10, "lookup_users": 1, "lookup_items": 1,
+                       **{p: 0.1 for p in bench_train.PHASES}}], "peak_rss_mb": 1.0, "build_s": 1.0,
+            "n_users": 3, "n_items": 2, "n_train": 5}
+    prep = {"build_s": 1.0, "peak_rss_mb": 1.0, "n_users": 3, "n_items": 2, "n_train": 5}
+
+    def fake_launch(trainer, W, *a, **kw):
+        if trainer == "prepare":
+            return [prep]
+        if trainer == "dist" and W == 2:
+            raise RuntimeError("bench case dist W=2 failed (exit 1); log x:\nSignal 9 (SIGKILL) received by PID 7")
+        return [dict(rank) for _ in range(W)]
+
+    monkeypatch.setattr(bench_train, "launch", fake_launch)
+    args = argparse.Namespace(batch=8, set=None, steps=1, warmup=0, full_fanout_baseline="")
+    cases = bench_train.run_size("quick", args, tmp_path)
+    assert [(c["trainer"], c["world_size"]) for c in cases] == [("Trainer", 1), ("DistributedTrainer", 1),
+                                                                  ("DistributedTrainer", 2)]
+    assert "failed" not in cases[0] and cases[1]["triples_per_s"] == 8.0
+    assert "SIGKILL" in cases[2]["failed"] and "ratio" not in cases[2]
