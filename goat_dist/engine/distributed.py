@@ -9,9 +9,11 @@ Why W ranks with per-rank batch b train exactly like one process with batch W*b:
 - Data: the triple sampler runs in ``shard="global_batch"`` mode: step k's global batch (triples,
   order and negatives) is the single-process batch k, and rank r takes its contiguous slice.
 - Init: the model is initialised exactly as the single-process trainer does (``materialize_`` with
-  the same seed, on the CPU); the sharder copies the tables' rows into this rank's shards and the
-  full tables are dropped (``release_in_backward_optimizers``: torch's in-backward optimiser
-  registry would keep them alive). (Costs the full tables in host memory once, at start-up.)
+  the same seed, on the CPU), except that the ID tables stay on ``meta``: their initial values are
+  generated in row chunks (the same values and RNG stream as one ``normal_`` per table) and each rank
+  keeps only its shards' rows (``LocalTableInit``), copied into the shards TorchRec builds. No rank
+  ever holds a full table; the unsharded (meta) tables are dropped with their optimiser hooks
+  (``release_in_backward_optimizers``: torch's in-backward optimiser registry would keep them alive).
 - Loss: ``compute_loss`` follows the "shares" convention (global value, local-share gradient;
   InfoNCE negatives all-gathered; OAT statistics all-reduced with an autograd all-reduce, so every
   rank solves the same transport problem). Summing gradients over ranks gives the single-process
@@ -60,11 +62,12 @@ from goat_dist.engine import checkpointing as ckpt
 from goat_dist.engine.trainer import Trainer
 from goat_dist.eval.sharded import process_group_shard, sharded_metrics
 from goat_dist.log import get_logger
+from goat_dist.model.embeddings import materialize_
 from goat_dist.model.lightgcn import RowShard
 from goat_dist.model.recgoat import RecGOAT
 from goat_dist.parallel.dense import dense_engine
 from goat_dist.parallel.process_group import DistEnv, init_process_group
-from goat_dist.parallel.sharding import gather_tables, shard_tables
+from goat_dist.parallel.sharding import LocalTableInit, gather_tables, plan_tables, shard_tables
 
 log = get_logger(__name__)
 
@@ -105,18 +108,23 @@ class DistributedTrainer(Trainer):
         self._build_inputs(shard="global_batch")
         triples = self.triples
 
-        # Exactly the single-process initialisation, on the CPU; then the tables go to their shards.
-        model = self._new_model("cpu")
+        # Exactly the single-process initialisation, on the CPU, with the tables left on meta: their
+        # initial values are generated chunk by chunk and this rank keeps only its shards' rows
+        # (LocalTableInit), which go into the shards once TorchRec has built them.
+        model = self._meta_model()
+        plan = plan_tables(model, cfg.dist.sharding, cfg.train.optimizer, cfg.train.sparse_lr, self.device)
+        init = LocalTableInit(plan, self.rank)
+        materialize_(model, "cpu", seed=cfg.train.seed, table_sink=init.sink)
         for name, child in model.named_children():
             if name != "id_emb":
                 child.to(self.device)
         for name, p in list(model._parameters.items()):
             if p is not None:
                 model._parameters[name] = torch.nn.Parameter(p.detach().to(self.device), p.requires_grad)
-        # The sharder copies the materialised full tables into this rank's shards; the full CPU
-        # tables are dropped with the unsharded collection.
-        self.dmp = shard_tables(model, cfg.dist.sharding, cfg.train.optimizer, cfg.train.sparse_lr, self.device)
+        self.dmp = shard_tables(model, cfg.dist.sharding, cfg.train.optimizer, cfg.train.sparse_lr, self.device,
+                                plan=plan)
         self.model: RecGOAT = self.dmp.module
+        init.copy_into_(self.model)
 
         table_ids = {id(p) for coll in find_collections_sharded(self.model) for p in coll.parameters()}
         self._dense_named = [(n, p) for n, p in self.model.named_parameters()

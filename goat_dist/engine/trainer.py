@@ -155,13 +155,16 @@ class Trainer:
         log.info("data %.1fs, graphs %.1fs: %d users, %d items, %d train interactions; modalities %s",
                  t_data - t0, t_graph - t_data, ds.n_users, ds.n_items, len(ds.train), self.modalities or "none")
 
+    def _meta_model(self) -> RecGOAT:
+        """The model on ``meta`` (no memory), as every trainer builds it."""
+        ds = self.dataset
+        return RecGOAT(self.cfg.model, self.cfg.ot, ds.n_users, ds.n_items, self.item_dims,
+                       None if self.user_features is None else int(self.user_features.shape[1]), device="meta")
+
     def _new_model(self, device: torch.device | str) -> RecGOAT:
         """The model built on ``meta`` and materialised on ``device`` with the config's seed (the same
         initial parameters in every trainer and on every rank)."""
-        ds = self.dataset
-        model = RecGOAT(self.cfg.model, self.cfg.ot, ds.n_users, ds.n_items, self.item_dims,
-                        None if self.user_features is None else int(self.user_features.shape[1]), device="meta")
-        return materialize_(model, device, seed=self.cfg.train.seed)
+        return materialize_(self._meta_model(), device, seed=self.cfg.train.seed)
 
     # ------------------------------------------------------------------------------------------
     def train_step(self, batch) -> dict[str, torch.Tensor] | None:

@@ -93,24 +93,38 @@ def make_plan(model: nn.Module, sharding: str, world_size: int, device: torch.de
     return plan
 
 
-def shard_tables(model: nn.Module, sharding: str, optimizer: str, lr: float, device: torch.device, group=None):
-    """Wrap ``model`` in ``DistributedModelParallel``: its ``EmbeddingCollection`` sharded per the
-    plan with the fused optimiser in backward; every other parameter stays a plain local tensor
-    (allocated and reset by DMP if ``model`` was built on ``meta``).
-
-    Returns the DMP; ``dmp.module`` is ``model`` with the collection replaced by its sharded twin.
-    """
+def plan_tables(model: nn.Module, sharding: str, optimizer: str, lr: float, device: torch.device, group=None):
+    """Attach the fused optimiser spec to ``model``'s tables (``_apply_optimizer_in_backward``; the
+    tables may still be on ``meta``) and return the agreed sharding plan (collective)."""
     from torch.distributed.optim import _apply_optimizer_in_backward
-    from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
-    from torchrec.distributed.types import ShardingEnv
 
     cls, kwargs = sparse_optimizer_spec(optimizer, lr, device)
     for coll in find_collections(model).values():
         _apply_optimizer_in_backward(cls, coll.parameters(), kwargs)
     group = group or dist.GroupMember.WORLD
+    return make_plan(model, sharding, dist.get_world_size(group), device, [EmbeddingCollectionSharder()], group)
+
+
+def shard_tables(model: nn.Module, sharding: str, optimizer: str, lr: float, device: torch.device, group=None,
+                 plan=None):
+    """Wrap ``model`` in ``DistributedModelParallel``: its ``EmbeddingCollection`` sharded per the
+    plan with the fused optimiser in backward; every other parameter stays a plain local tensor
+    (allocated and reset by DMP if ``model`` was built on ``meta``).
+
+    ``plan``: from ``plan_tables`` on the same model (which then already carries the fused
+    optimiser spec); None = plan here.
+
+    Returns the DMP; ``dmp.module`` is ``model`` with the collection replaced by its sharded twin.
+    """
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.types import ShardingEnv
+
+    group = group or dist.GroupMember.WORLD
+    if plan is None:
+        plan = plan_tables(model, sharding, optimizer, lr, device, group)
     sharders = [EmbeddingCollectionSharder()]
-    plan = make_plan(model, sharding, dist.get_world_size(group), device, sharders, group)
     unsharded = [p for coll in find_collections(model).values() for p in coll.parameters()]
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(group), device=device, plan=plan,
                                    sharders=sharders, init_data_parallel=False)
@@ -137,6 +151,53 @@ def release_in_backward_optimizers(params: list[torch.Tensor]) -> None:
 def _sharded_tables(module: nn.Module) -> dict[str, object]:
     """Qualified parameter name -> ShardedTensor of every sharded table in ``module``."""
     return {k: v for k, v in module.state_dict().items() if hasattr(v, "local_shards")}
+
+
+class LocalTableInit:
+    """This rank's rows of every table, filled chunk by chunk while the model is initialised with the
+    tables on ``meta`` (``materialize_(table_sink=init.sink)``), then copied into the shards
+    (``init.copy_into_(dmp.module)``): no rank ever holds a full table (at 200M interactions 5.6 GB
+    per rank, which two ranks could not hold beside their shards in 24 GB).
+
+    ``plan``: the agreed ``ShardingPlan``; ``rank``: this process's global rank."""
+
+    def __init__(self, plan, rank: int):
+        self.parts: dict[str, list[tuple[int, int, int, int, torch.Tensor]]] = {}
+        for module_plan in plan.plan.values():
+            for table, ps in module_plan.items():
+                for sh in ps.sharding_spec.shards:
+                    if sh.placement.rank() == rank:
+                        (r0, c0), (nr, nc) = sh.shard_offsets, sh.shard_sizes
+                        self.parts.setdefault(table, []).append((r0, nr, c0, nc, torch.empty((nr, nc))))
+        self.filled: dict[str, int] = {}
+
+    def sink(self, table: str, first_row: int, rows: torch.Tensor) -> None:
+        """Keep the rows of ``rows`` (table rows ``first_row ...``) that this rank's shards own."""
+        lo, hi = first_row, first_row + rows.shape[0]
+        for r0, nr, c0, nc, buf in self.parts.get(table, []):
+            a, b = max(lo, r0), min(hi, r0 + nr)
+            if a < b:
+                buf[a - r0:b - r0] = rows[a - lo:b - lo, c0:c0 + nc]
+                self.filled[table] = self.filled.get(table, 0) + (b - a) * nc
+
+    @torch.no_grad()
+    def copy_into_(self, module: nn.Module) -> None:
+        """Write the kept rows into the local shards of ``module``'s sharded tables; frees them."""
+        for table, parts in self.parts.items():
+            need = sum(nr * nc for _, nr, _, nc, _ in parts)
+            if self.filled.get(table, 0) != need:
+                raise RuntimeError(f"table {table}: {self.filled.get(table, 0)} of this rank's {need} initial "
+                                   "entries were generated (was the model initialised with this sink?)")
+        for name, st in _sharded_tables(module).items():
+            table = name.split(".")[-2]  # ...embeddings.<table>.weight
+            for shard in st.local_shards():
+                (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                src = next((buf for pr0, pnr, pc0, pnc, buf in self.parts.get(table, [])
+                            if (pr0, pc0, pnr, pnc) == (r0, c0, nr, nc)), None)
+                if src is None:
+                    raise KeyError(f"{name}: no initial rows for the local shard at rows {r0}+{nr}, cols {c0}+{nc}")
+                shard.tensor.copy_(src.to(shard.tensor.device, shard.tensor.dtype))
+        self.parts.clear()
 
 
 @torch.no_grad()
