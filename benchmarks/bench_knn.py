@@ -44,18 +44,12 @@ class PeakRSS:
         self._thread.start()
 
     @staticmethod
-    def _status(key: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    @staticmethod
-    def _sample() -> dict[str, int]:
+    def _sample(keys: tuple[str, ...] = ("VmRSS", "RssAnon", "RssFile", "RssShmem")) -> dict[str, int]:
+        """Bytes of the given /proc/self/status fields."""
         out = {}
         for line in Path("/proc/self/status").read_text().splitlines():
             key = line.split(":")[0]
-            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            if key in keys:
                 out[key] = int(line.split()[1]) * 1024
         return out
 
@@ -75,7 +69,7 @@ class PeakRSS:
         self._take()
 
     def hwm(self) -> int:
-        return self._status("VmHWM")
+        return self._sample(("VmHWM",)).get("VmHWM", 0)
 
     def stop(self) -> None:
         self._stop.set()

@@ -366,18 +366,17 @@ def run_size(size: str, args: argparse.Namespace, workdir: Path) -> list[dict[st
              time.perf_counter() - t0, prep["n_users"], prep["n_items"], prep["n_train"])
     plan = EXTERNAL[size]["plan"] if size in EXTERNAL else [("single", 1), ("dist", 1), ("dist", 2)]
     for trainer, W in plan:
+        name = "Trainer" if trainer == "single" else "DistributedTrainer"
+        case_dir = workdir / size / f"{trainer}_w{W}"
         try:
-            ranks = launch(trainer, W, sets, workdir / size / f"{trainer}_w{W}", args.steps, args.warmup,
-                           config=config)
+            ranks = launch(trainer, W, sets, case_dir, args.steps, args.warmup, config=config)
         except RuntimeError as exc:  # e.g. a rank killed by the kernel's OOM killer: record it, go on
             log.error("size %s %s W=%d failed: %s", size, trainer, W, exc)
-            cases.append({"size": size, "trainer": "Trainer" if trainer == "single" else "DistributedTrainer",
-                          "world_size": W, "failed": str(exc).splitlines()[0] + (
+            cases.append({"size": size, "trainer": name, "world_size": W, "failed": str(exc).splitlines()[0] + (
                               "; a rank received SIGKILL (on this box: the kernel's OOM killer)"
-                              if "SIGKILL" in str(exc) else ""),
-                          "log": str(workdir / size / f"{trainer}_w{W}" / "log.txt")})
+                              if "SIGKILL" in str(exc) else ""), "log": str(case_dir / "log.txt")})
             continue
-        c = {"size": size, "trainer": "Trainer" if trainer == "single" else "DistributedTrainer",
+        c = {"size": size, "trainer": name,
              "fanouts": "config", **summarise(ranks), "prepare": {"seconds": prep["build_s"],
                                                                   "peak_rss_mb": prep["peak_rss_mb"]}}
         cases.append(c)

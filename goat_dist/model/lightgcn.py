@@ -322,6 +322,16 @@ def csr_t_spmm_add(csr: CSR, h: Tensor, out: Tensor, rows: tuple[int, int], valu
     return out
 
 
+def _fill_layer0(lookup: Callable[[str, Tensor], Tensor], node_type: str, sh: RowShard, n: int, chunk_size: int,
+                 buf: Tensor, r0: int, device: torch.device | str) -> None:
+    """``buf[s - r0:e - r0] = lookup(node_type, s..e)`` for this rank's grid chunks of ``n`` rows
+    (empty chunks are looked up too: a sharded table's all-to-all needs the same calls on every rank)."""
+    for s, e in sh.chunks(n, chunk_size):
+        emb = lookup(node_type, torch.arange(s, e, device=device))
+        if e > s:
+            buf[s - r0:e - r0] = emb.to(buf.dtype)
+
+
 def _lightgcn_streamed_users(user_items: CSR, lookup: Callable[[str, Tensor], Tensor], num_layers: int, dim: int,
                              device: torch.device | str, chunk_size: int, user_ids: Tensor) -> tuple[Tensor, Tensor]:
     """Single-process ``full_graph_lightgcn`` for a user subset WITHOUT any [n_users, d] buffer.
@@ -340,22 +350,18 @@ def _lightgcn_streamed_users(user_items: CSR, lookup: Callable[[str, Tensor], Te
     sorted_ids = ids[order]
     acc_u = torch.zeros((ids.numel(), dim), device=device)
     cur = torch.empty((n_items, dim), device=device)     # items_k
-    for s, e in sh.chunks(n_items, chunk_size):
-        if e > s:
-            cur[s:e] = lookup(ITEM, torch.arange(s, e, device=device)).to(cur.dtype)
-        else:
-            lookup(ITEM, torch.arange(s, e, device=device))
+    _fill_layer0(lookup, ITEM, sh, n_items, chunk_size, cur, 0, device)
     acc_i = cur.clone()
     prev = None                                          # items_{k-1}
     for k in range(max(num_layers, 1)):
         nxt = torch.zeros_like(cur) if k < num_layers else None   # items_{k+1}
         for s, e in sh.chunks(n_users, chunk_size):
-            if k == 0:
+            if k == 0:   # every grid chunk, empty ones too, as in the buffered pass
                 h = lookup(USER, torch.arange(s, e, device=device)).to(acc_u.dtype)
-            elif e > s:
-                h = csr_spmm(user_items, prev, chunk_size, vu, rows=(s, e))
             if e <= s:
                 continue
+            if k > 0:
+                h = csr_spmm(user_items, prev, chunk_size, vu, rows=(s, e))
             lo, hi = int(torch.searchsorted(sorted_ids, s)), int(torch.searchsorted(sorted_ids, e))
             if hi > lo:
                 acc_u.index_add_(0, order[lo:hi].to(device), h.index_select(0, (sorted_ids[lo:hi] - s).to(device)))
@@ -424,15 +430,8 @@ def full_graph_lightgcn(user_items: CSR, item_users: CSR, lookup: Callable[[str,
     blk_u = h_u[:bu] if W == 1 else h_u.new_empty((bu, dim))
     blk_i = h_i.new_empty((bi, dim))  # next item layer (own block); W = 1: the ping-pong buffer
 
-    def fill(node_type: str, n: int, buf: Tensor, r0: int) -> None:
-        for s, e in sh.chunks(n, cs):
-            ids = torch.arange(s, e, device=device)
-            emb = lookup(node_type, ids)
-            if e > s:
-                buf[s - r0:e - r0] = emb.to(buf.dtype)
-
-    fill(USER, n_users, blk_u, u0)
-    fill(ITEM, n_items, h_i[i0:] if W == 1 else blk_i, i0)
+    _fill_layer0(lookup, USER, sh, n_users, cs, blk_u, u0, device)
+    _fill_layer0(lookup, ITEM, sh, n_items, cs, h_i[i0:] if W == 1 else blk_i, i0, device)
     if user_ids is not None:
         user_ids = user_ids.to(torch.int64).to(device)
         local = user_ids[(user_ids >= u0) & (user_ids < u1)] - u0

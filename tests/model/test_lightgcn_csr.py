@@ -86,6 +86,18 @@ def _random_graph(n_users, n_items, n_edges, seed, empty_users=(), empty_items=(
     return ui, iu
 
 
+def _counting_lookup(table_u, table_i, chunk_size):
+    """``lookup(node_type, ids)`` over the two tables that checks the chunk bound and records every
+    call's size in the returned list."""
+    calls = []
+
+    def lookup(t, ids):
+        calls.append(ids.numel())
+        assert ids.numel() <= chunk_size
+        return (table_u if t == "user" else table_i)[ids]
+    return lookup, calls
+
+
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 65536])
 @pytest.mark.parametrize("num_layers", [0, 1, 3])
 def test_full_graph_lightgcn_lean_matches_reference(chunk_size, num_layers):
@@ -94,12 +106,7 @@ def test_full_graph_lightgcn_lean_matches_reference(chunk_size, num_layers):
                            empty_items=(5, 129))
     g = torch.Generator().manual_seed(1)
     table_u, table_i = torch.randn(n_users, d, generator=g), torch.randn(n_items, d, generator=g)
-    calls = []
-
-    def lookup(t, ids):
-        calls.append(ids.numel())
-        assert ids.numel() <= chunk_size
-        return (table_u if t == "user" else table_i)[ids]
+    lookup, calls = _counting_lookup(table_u, table_i, chunk_size)
 
     ref_u, ref_i = _reference_full_graph(ui, iu, table_u, table_i, num_layers)
     got_u, got_i = full_graph_lightgcn(ui, iu, lookup, num_layers, d, chunk_size=chunk_size)
@@ -136,12 +143,7 @@ def test_streamed_user_subset_matches_reference(chunk_size, num_layers):
                            empty_items=(3, 90))
     g = torch.Generator().manual_seed(chunk_size + 5 * num_layers)
     table_u, table_i = torch.randn(n_users, d, generator=g), torch.randn(n_items, d, generator=g)
-    calls = []
-
-    def lookup(t, ids):
-        calls.append(ids.numel())
-        assert ids.numel() <= chunk_size
-        return (table_u if t == "user" else table_i)[ids]
+    lookup, calls = _counting_lookup(table_u, table_i, chunk_size)
 
     ids = torch.tensor([262, 3, 0, 3, 200, 17, 7, 130])
     ref_u, ref_i = _reference_full_graph(ui, iu, table_u, table_i, num_layers)
