@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with phase("eval"):
         users = trainer._eval_users()
+        if cfg.eval.release_mapped_pages:
+            result["released_pages"] = trainer.release_mapped_pages()
         user_reps, item_reps = trainer.model.compute_all_representations(
             graphs.ui.user_items, graphs.ui.item_users, trainer.item_features, trainer.user_features,
             graphs.item_item, graphs.user_user, user_ids=users, stream_users=bool(cfg.eval.stream_users))

@@ -306,6 +306,8 @@ class DistributedTrainer(Trainer):
         """(representations of the ``users`` in this rank's user block, full item table, the shard):
         every rank computes its row blocks of the LightGCN layers, encoders, fusion and user branch."""
         shard = process_group_shard() if self.world_size > 1 else RowShard()
+        if self.cfg.eval.release_mapped_pages:
+            self.release_mapped_pages()
         stream = bool(self.cfg.eval.stream_users) and users.numel() < self.dataset.n_users
         if stream and self.world_size > 1:
             self._warn_once("eval.stream_users is ignored at world size %d (the layer buffers are row-sharded)",

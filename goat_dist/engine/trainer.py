@@ -33,7 +33,8 @@ import torch
 
 from goat_dist.config import Config, DataConfig, save_config, to_dict
 from goat_dist.data import RecDataset, load_dataset
-from goat_dist.data.fsio import exists
+from goat_dist.data.fsio import exists, local_path
+from goat_dist.data.pages import release_mapped_pages
 from goat_dist.engine import checkpointing as ckpt
 from goat_dist.engine.optim import dense_optimizer, sparse_grad_optimizer, sparse_optimizer
 from goat_dist.engine.run_logger import RunLogger
@@ -275,12 +276,21 @@ class Trainer:
                            self.cfg.eval.batch_size)
         return finalize(sums)
 
+    def release_mapped_pages(self) -> dict | None:
+        """Unmap the resident pages of the memory-mapped dataset folder, feature files and graph cache
+        (``goat_dist.data.pages.release_mapped_pages``; local paths only)."""
+        d = self.cfg.data
+        urls = [d.path, *d.item_features.values(), *d.user_features.values(), self.cfg.graph.cache_dir]
+        return release_mapped_pages([p for p in map(local_path, filter(None, urls)) if p])
+
     def _scorer(self, users: torch.Tensor | None = None):
         """``score(user_ids [b]) -> [b, n_items]`` from representations computed ONCE per evaluation.
 
         ``users`` (sorted, unique): only these users' final representations are built (the
         ``eval.user_sample`` case: at 20M users the full user table is not materialised); ``score``
         then accepts only ids from ``users``."""
+        if self.cfg.eval.release_mapped_pages:
+            self.release_mapped_pages()
         user_reps, item_reps = self.model.compute_all_representations(
             self.graphs.ui.user_items, self.graphs.ui.item_users, self.item_features, self.user_features,
             self.graphs.item_item, self.graphs.user_user, user_ids=users,

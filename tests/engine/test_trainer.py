@@ -116,3 +116,14 @@ def test_sampled_user_eval_builds_only_those_users_and_matches_full_tables(tmp_p
     trainer.cfg.eval.stream_users = True
     streamed = trainer._scorer(users)
     assert torch.allclose(streamed(users), trainer._scorer(None)(users), atol=1e-5)
+
+
+def test_release_mapped_pages_before_eval_keeps_metrics(tmp_path):
+    """eval.release_mapped_pages: the dataset's and graph cache's mapped pages leave the resident set
+    and the evaluation (which faults back in what it reads) gives the same metrics."""
+    trainer, _ = run(tiny_cfg(tmp_path, "train.max_steps=4", "eval.user_sample=60"), tmp_path / "r")
+    plain = trainer.evaluate("valid")
+    report = trainer.release_mapped_pages()
+    assert report["mappings"] > 0 and report["resident_before_mb"] > 0 and report["resident_after_mb"] == 0
+    trainer.cfg.eval.release_mapped_pages = True
+    assert trainer.evaluate("valid") == plain
