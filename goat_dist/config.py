@@ -49,6 +49,11 @@ class DataConfig:
     """modality name -> path/URL of an [n_items, dim] matrix; empty = discover ``item_<name>.npy``."""
     user_features: dict[str, str] = field(default_factory=dict)
     """name -> path/URL of an [n_users, dim] matrix; empty = discover ``user_<name>.npy``."""
+    feature_norm: str = "none"
+    """Normalise every item and user feature matrix once at load (a float32 copy in memory, rows x
+    dim x 4 bytes, instead of the memory map): ``none`` | ``standardize`` (per column: minus the mean,
+    over the standard deviation) | ``center_l2`` (columns centred, rows unit-norm). The kNN graphs are
+    built from the normalised matrices too. See ``data.features.normalize_features``."""
     generate_if_missing: bool = False
     """When ``path`` does not exist, generate the synthetic dataset described by ``synth`` there."""
     synth: SynthConfig = field(default_factory=SynthConfig)

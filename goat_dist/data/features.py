@@ -93,6 +93,47 @@ def check_finite(name: str, arr: np.ndarray, block_rows: int = _SCAN_ROWS) -> No
             raise DataError(name, f"{what} in column {int(c)}", row=lo + int(r))
 
 
+FEATURE_NORMS = ("none", "standardize", "center_l2")
+
+
+def normalize_features(arr: np.ndarray, how: str, block_rows: int = _SCAN_ROWS) -> np.ndarray:
+    """A normalised float32 copy of ``arr`` [rows, dim] (``data.feature_norm``), built block by block.
+
+    ``standardize``: every column minus its mean over the rows, divided by its standard deviation (a
+    constant column becomes 0). ``center_l2``: columns centred, then every row scaled to unit L2 norm
+    (an all-zero row stays 0). ``none``: ``arr`` itself. Means and variances are accumulated in
+    float64 over two passes (no cancellation for columns with a large mean).
+
+    Pre-extracted CNN/audio features often share a large common component (TikTok's image rows:
+    norm ~33, of which the column means make ~31): raw, every item's modality view starts as nearly
+    the same large vector that swamps the ID view."""
+    if how not in FEATURE_NORMS:
+        raise ValueError(f"data.feature_norm must be one of {', '.join(FEATURE_NORMS)}, got {how!r}")
+    if how == "none":
+        return arr
+    n, d = arr.shape
+    blocks = range(0, n, block_rows)
+    mean = np.zeros(d, np.float64)
+    for lo in blocks:
+        mean += np.asarray(arr[lo:lo + block_rows], dtype=np.float64).sum(0)
+    mean /= max(n, 1)
+    scale = np.ones(d, np.float64)
+    if how == "standardize":
+        var = np.zeros(d, np.float64)
+        for lo in blocks:
+            var += np.square(np.asarray(arr[lo:lo + block_rows], dtype=np.float64) - mean).sum(0)
+        std = np.sqrt(var / max(n, 1))
+        scale = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 1.0)
+    out = np.empty((n, d), np.float32)
+    for lo in blocks:
+        block = (np.asarray(arr[lo:lo + block_rows], dtype=np.float64) - mean) * scale
+        if how == "center_l2":
+            norms = np.linalg.norm(block, axis=1, keepdims=True)
+            block /= np.where(norms > 0, norms, 1.0)
+        out[lo:lo + block_rows] = block
+    return out
+
+
 def save_matrix(url: str, arr: np.ndarray) -> None:
     """Write a 2-D array as ``.npy`` to any fsspec URL."""
     with open_url(url, "wb") as f:

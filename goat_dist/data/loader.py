@@ -27,7 +27,7 @@ from goat_dist.config import DataConfig
 from goat_dist.data.adjacency import AdjacencyFile, find_line, read_adjacency, smallest_int_dtype
 from goat_dist.data.dataset import SPLITS, Interactions, RecDataset
 from goat_dist.data.errors import DataError
-from goat_dist.data.features import check_finite, discover_features, load_matrix
+from goat_dist.data.features import FEATURE_NORMS, check_finite, discover_features, load_matrix, normalize_features
 from goat_dist.data.fsio import basename, exists, isdir, join, listdir
 from goat_dist.data.inter import find_inter_line, read_inter
 from goat_dist.data.stats import count_duplicates
@@ -230,6 +230,9 @@ def _load(cfg: DataConfig, *, collect: bool, check_features: bool = True) -> tup
     if cfg.format not in ("auto",) + FORMATS:
         out.add(DataError(path, f"unknown data.format {cfg.format!r} (auto, {', '.join(FORMATS)})"))
         return None, out.errors
+    if cfg.feature_norm not in FEATURE_NORMS:
+        out.add(DataError(path, f"unknown data.feature_norm {cfg.feature_norm!r} ({', '.join(FEATURE_NORMS)})"))
+        return None, out.errors
     try:
         fmt, location = detect_format(path, cfg.inter_file)
     except DataError as err:
@@ -270,6 +273,13 @@ def _load(cfg: DataConfig, *, collect: bool, check_features: bool = True) -> tup
                     check_finite(basename(src[name]), arr)
                 except DataError as err:
                     out.add(err)
+
+    if cfg.feature_norm != "none":
+        for feats in (item_feats, user_feats):
+            for name in feats:
+                feats[name] = normalize_features(feats[name], cfg.feature_norm)
+        log.info("features normalised (%s) into memory: %s", cfg.feature_norm, ", ".join(
+            f"{name} {tuple(a.shape)}" for feats in (item_feats, user_feats) for name, a in feats.items()) or "none")
 
     duplicates = {s: count_duplicates(v.users, v.items, max(n_items, 1)) for s, v in sp.splits.items()}
     for s, d in duplicates.items():

@@ -73,3 +73,37 @@ def test_non_finite_in_a_memmap_slice_names_the_slice_row(tmp_path):
     m = load_matrix(str(tmp_path / "item_image.npy"))
     with pytest.raises(DataError, match=r"row 20: NaN in column 0"):
         check_finite("item_image.npy", m[50:], block_rows=8)
+
+
+def _normalized_reference(a: np.ndarray, how: str) -> np.ndarray:
+    """Plain float64 numpy: the whole matrix at once."""
+    x = a.astype(np.float64)
+    x = x - x.mean(0)
+    if how == "standardize":
+        std = x.std(0)
+        x = x / np.where(std > 0, std, 1.0)
+    else:
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        x = x / np.where(norms > 0, norms, 1.0)
+    return x
+
+
+@pytest.mark.parametrize("how", ["standardize", "center_l2"])
+@pytest.mark.parametrize("block_rows", [1, 7, 1000])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_normalize_features_matches_reference(tmp_path, how, block_rows, dtype):
+    from goat_dist.data.features import normalize_features
+
+    rng = np.random.default_rng()
+    a = (rng.standard_normal((53, 6)) * rng.uniform(0.1, 5, 6) + rng.uniform(-30, 30, 6)).astype(dtype)
+    a[:, 2] = 4.0  # a constant column: centred to 0, never divided by 0
+    a[11] = a.mean(0, dtype=np.float64).astype(dtype)  # a row that is (nearly) the mean
+    np.save(tmp_path / "f.npy", a)
+    mm = load_matrix(str(tmp_path / "f.npy"))
+    out = normalize_features(mm, how, block_rows=block_rows)
+    assert out.dtype == np.float32 and out.shape == a.shape and not isinstance(out, np.memmap)
+    np.testing.assert_allclose(out, _normalized_reference(a, how), rtol=1e-5, atol=1e-5)
+    assert np.all(np.isfinite(out)) and np.all(out[:, 2] == 0)
+    assert normalize_features(mm, "none") is mm
+    with pytest.raises(ValueError, match="data.feature_norm must be one of"):
+        normalize_features(mm, "zscore")

@@ -153,3 +153,19 @@ def test_cli_validate_exit_codes(tmp_path, write_goat, capsys):
     write_goat(tmp_path / "bad", valid="0 1.5\n")
     assert main(["data", "validate", str(tmp_path / "bad")]) == 1
     assert "valid.txt:1: float token '1.5'" in capsys.readouterr().out
+
+
+def test_feature_norm_at_load(tmp_path, write_goat):
+    rng = np.random.default_rng()
+    image = (rng.standard_normal((4, 3)) * 3 + 20).astype(np.float32)
+    write_goat(tmp_path, item_image=image, user_profile=rng.standard_normal((2, 5)).astype(np.float16))
+    ds = load_dataset(DataConfig(path=str(tmp_path), feature_norm="standardize"))
+    for arr in (ds.item_features["image"], ds.user_features["profile"]):
+        assert arr.dtype == np.float32 and not isinstance(arr, np.memmap)
+        np.testing.assert_allclose(arr.mean(0), 0, atol=1e-5)
+        np.testing.assert_allclose(arr.std(0), 1, atol=1e-4)
+    np.testing.assert_allclose(ds.item_features["image"], (image - image.mean(0)) / image.std(0), atol=1e-5)
+    ds = load_dataset(DataConfig(path=str(tmp_path), feature_norm="center_l2"))
+    np.testing.assert_allclose(np.linalg.norm(ds.item_features["image"], axis=1), 1, atol=1e-5)
+    with pytest.raises(DataError, match="unknown data.feature_norm 'zscore'"):
+        load_dataset(DataConfig(path=str(tmp_path), feature_norm="zscore"))
