@@ -33,7 +33,7 @@ import torch
 
 from goat_dist.config import Config, DataConfig, save_config, to_dict
 from goat_dist.data import RecDataset, load_dataset
-from goat_dist.data.fsio import exists, local_path
+from goat_dist.data.fsio import exists, join, local_path
 from goat_dist.data.pages import release_mapped_pages
 from goat_dist.engine import checkpointing as ckpt
 from goat_dist.engine.optim import dense_optimizer, sparse_grad_optimizer, sparse_optimizer
@@ -280,7 +280,8 @@ class Trainer:
         """Unmap the resident pages of the memory-mapped dataset folder, feature files and graph cache
         (``goat_dist.data.pages.release_mapped_pages``; local paths only)."""
         d = self.cfg.data
-        urls = [d.path, *d.item_features.values(), *d.user_features.values(), self.cfg.graph.cache_dir]
+        files = [join(d.path, f) for f in (*d.item_features.values(), *d.user_features.values())]
+        urls = [d.path, *files, self.cfg.graph.cache_dir]
         return release_mapped_pages([p for p in map(local_path, filter(None, urls)) if p])
 
     def _scorer(self, users: torch.Tensor | None = None):

@@ -31,7 +31,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from goat_dist.graph.csr import CSR
+from goat_dist.graph.csr import CSR, index_dtype
 
 MAX_REJECTION_ROUNDS = 10_000
 SHARD_MODES = ("strided", "global_batch")
@@ -178,12 +178,13 @@ class TripleSampler:
 
     # ---- batches ---------------------------------------------------------------------------------
     def shard(self, epoch: int | None = None) -> torch.Tensor:
-        """This rank's interaction indices for ``epoch`` in visiting order, [shard_size] int64 (cached;
-        global_batch: the whole epoch permutation, [E], which every rank slices per batch)."""
+        """This rank's interaction indices for ``epoch`` in visiting order, [shard_size] (cached;
+        global_batch: the whole epoch permutation, [E], which every rank slices per batch). int32
+        below 2^31 interactions (the same permutation as int64: 0.64 GB less at 160M interactions)."""
         epoch = self.epoch if epoch is None else int(epoch)
         if self._shard is None or self._shard_epoch != epoch:
             g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0x7C1))
-            perm = torch.randperm(self.num_interactions, generator=g)
+            perm = torch.randperm(self.num_interactions, generator=g, dtype=index_dtype(self.num_interactions))
             # global_batch: every rank keeps the whole permutation and slices each global batch
             self._shard = perm if self.shard_mode == "global_batch" else perm[self.rank::self.world_size].clone()
             self._shard_epoch = epoch
