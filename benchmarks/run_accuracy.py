@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="run rows whose name starts with this")
     ap.add_argument("--collect", action="store_true", help="re-read existing run directories, train nothing")
     args = ap.parse_args(argv)
-    old = {r["name"]: r for r in json.loads(RESULTS.read_text())["rows"]} if RESULTS.exists() else {}
+    record = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    old = {r["name"]: r for r in record.get("rows", [])}
     for row in table():
         if not row.name.startswith(args.only):
             continue
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(old[row.name]), flush=True)
     rows = list(old.values())
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"rows": rows, "summary": summarise(rows)}, indent=2) + "\n")
+    # the other keys (the tuning history, the machine) are kept
+    RESULTS.write_text(json.dumps({**record, "rows": rows, "summary": summarise(rows)}, indent=2) + "\n")
     print(f"wrote {RESULTS}")
     return 0
 
