@@ -13,7 +13,9 @@ kernel's VmHWM, file-backed memory-mapped pages included):
    model on ``meta`` materialised, optimisers).
 4. ``train``: ``train.max_steps`` steps of ``Trainer.train_step`` (the engine's step: sampled
    forward, losses, backward, fused sparse optimiser + dense optimiser); the loss every step.
-5. ``eval``: Recall/NDCG/... @K on ``eval.user_sample`` sampled users (the engine's user sample),
+5. ``release_pages`` (with ``eval.release_mapped_pages``): the memory-mapped pages training touched
+   are unmapped (``Trainer.release_mapped_pages``; the JSON's ``released_pages``).
+6. ``eval``: Recall/NDCG/... @K on ``eval.user_sample`` sampled users (the engine's user sample),
    valid and test splits, train items masked: representations of all items and of the sampled
    users (``compute_all_representations(user_ids=, stream_users=eval.stream_users)``: the memory-lean
    full-graph pass for LightGCN and items -- with ``stream_users`` the users are streamed through the
@@ -164,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
                   seconds_per_step_after_first=None if steady is None else round(steady, 3),
                   loss=loss_summary(losses), loss_parts=parts_log)
 
+    if cfg.eval.release_mapped_pages:  # its own phase, so that the eval phase's peak starts after it
+        with phase("release_pages"):
+            result["released_pages"] = trainer.release_mapped_pages()
     with phase("eval"):
         users = trainer._eval_users()
-        if cfg.eval.release_mapped_pages:
-            result["released_pages"] = trainer.release_mapped_pages()
         user_reps, item_reps = trainer.model.compute_all_representations(
             graphs.ui.user_items, graphs.ui.item_users, trainer.item_features, trainer.user_features,
             graphs.item_item, graphs.user_user, user_ids=users, stream_users=bool(cfg.eval.stream_users))
