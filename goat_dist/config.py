@@ -119,6 +119,14 @@ class ModelConfig:
     dropout: float = 0.1
     oat_ema_momentum: float = 0.1
     """Momentum of the moving average of OAT statistics; eval-time plans are solved from it."""
+    item_knn_id_layers: int = 0
+    """Item-item propagation of the raw item ID embeddings (FREEDOM-style, Zhou et al. 2023): the ID
+    view of an item gains ``item_knn_id_weight * mean_m (S_m^L e)_i`` over the used modalities' kNN
+    graphs, ``S_m = D^-1/2 A_m D^-1/2`` (binary kNN edges incl. self-loops, full-graph degrees), L =
+    this many layers (0 = off). Needs item modalities; the item-item subgraphs are sampled with
+    ``max(gat_layers, item_knn_id_layers)`` hops."""
+    item_knn_id_weight: float = 1.0
+    """Weight of the item-item ID propagation term (``item_knn_id_layers``)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -145,6 +153,10 @@ class LossConfig:
     """Distributed InfoNCE: local rows against global columns (True) or every rank computes all rows."""
     infonce_chunk_size: int = 0
     """Rows per chunk of the InfoNCE log-sum-exp (0 = no chunking)."""
+    modality_bpr_weight: float = 0.0
+    """Weight of the per-modality BPR terms (FREEDOM-style): for every item modality m,
+    BPR(LightGCN user, view_m(item+), view_m(item-)) -- the modality views must rank the user's items
+    on their own. 0 = off."""
 
 
 @dataclass(kw_only=True, slots=True)

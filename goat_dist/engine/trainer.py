@@ -140,7 +140,8 @@ class Trainer:
                                      world_size=self.world_size, shard=shard)
         self.sampler = MiniBatchSampler(
             self.triples, ui.user_items, ui.item_users,
-            hops={"user_item": mcfg.id_layers, "item_item": mcfg.gat_layers, "user_user": mcfg.gat_layers},
+            hops={"user_item": mcfg.id_layers, "item_item": max(mcfg.gat_layers, mcfg.item_knn_id_layers),
+                  "user_user": mcfg.gat_layers},
             fanouts=cfg.sampling.fanouts, item_item=self.graphs.item_item, user_user=self.graphs.user_user,
             backend=cfg.sampling.backend)
         self.loader = make_loader(self.sampler, num_workers=cfg.sampling.num_workers,
@@ -151,6 +152,9 @@ class Trainer:
         self.item_features = {m: ds.item_features[m] for m in self.modalities}
         self.user_features = ds.user_features[self.user_feature_name] if self.user_feature_name else None
         self.degrees = {"user": ui.user_degree.to(self.device), "item": ui.item_degree.to(self.device)}
+        if mcfg.item_knn_id_layers:   # the item-item ID propagation's full-graph kNN degrees
+            self.degrees.update({f"knn_{m}": self.graphs.item_item[m].degrees().to(torch.float32).to(self.device)
+                                 for m in self.modalities})
         self._heldout = {}
         self._train_csr = ui.user_items
         log.info("data %.1fs, graphs %.1fs: %d users, %d items, %d train interactions; modalities %s",

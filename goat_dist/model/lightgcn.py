@@ -13,6 +13,9 @@ Design choices:
   replacement), its sum is multiplied by D_v / s_v, which makes every layer an unbiased estimate of the
   full sum given the previous layer. This needs the full-graph degrees D (``degrees`` argument, indexed
   by global id); with ``degrees=None`` no rescaling happens, which is exact for fanout -1 (s_v = D_v).
+- Item-item ID propagation (``knn_propagate_blocks`` / ``full_graph_knn_propagate``, FREEDOM-style):
+  ``S^L e`` over a modality's kNN graph with ``S = D^-1/2 A D^-1/2`` on its binary edges, the same
+  sampled-block estimator and chunked full-graph pass as the user-item layers.
 - Full-graph inference (``full_graph_lightgcn``) walks the CSRs in row chunks with the same maths, so
   evaluation never needs the [N, N] adjacency. It is memory-lean (layer buffers reused in place,
   accumulators started from the looked-up table, an optional user subset) and can be row-sharded
@@ -465,3 +468,57 @@ def full_graph_lightgcn(user_items: CSR, item_users: CSR, lookup: Callable[[str,
             sh.gather(h_i, blk_i)
     scale = float(num_layers + 1)
     return acc_u.div_(scale), acc_i.div_(scale)
+
+
+# ---- item-item propagation of ID embeddings (FREEDOM-style; ``model.item_knn_id_layers``) --------
+
+def knn_norm_values(graph: CSR) -> Tensor:
+    """Edge values ``1/sqrt(D_r D_c)`` of a symmetric kNN CSR with BINARY edges, ``D`` = row lengths
+    (self-loops included): the symmetric normalisation ``D^-1/2 A D^-1/2``. The CSR's own values
+    (cosine similarities) are ignored. **Shapes:** -> [nnz] float32."""
+    deg = graph.degrees().to(torch.float32)
+    rows = torch.repeat_interleave(torch.arange(graph.n_rows), graph.degrees())
+    return (deg[rows] * deg[graph.indices.to(torch.int64)]).rsqrt()
+
+
+def knn_propagate_blocks(subgraph: SampledSubgraph, rel: Relation, h: Tensor, degree: Tensor) -> Tensor:
+    """``S^L h`` at the seeds over the sampled blocks of one kNN relation, ``S = D^-1/2 A D^-1/2`` with
+    FULL-graph degrees ``degree`` (global id -> row length incl. the self-loop); each block's sums are
+    rescaled by ``D_v / s_v`` (``aggregate``), exact at fanout -1.
+
+    **Shapes:** h [n_src of blocks[0], d] -> [n_seeds, d]."""
+    node_t = rel[2]
+    degree = degree.to(h.device, h.dtype)
+    for block in subgraph.blocks:
+        nodes = block.src_nodes[node_t]
+        if h.shape[0] != nodes.numel():
+            raise ValueError(f"kNN propagation over {rel}: state has {h.shape[0]} rows for "
+                             f"{nodes.numel()} source nodes")
+        ei = block.edge_index.get(rel)
+        if ei is None:
+            ei = torch.empty((2, 0), dtype=torch.int64, device=h.device)
+        g = nodes.to(h.device)
+        w = (degree.index_select(0, g.index_select(0, ei[0])) * degree.index_select(0, g.index_select(0, ei[1]))).rsqrt()
+        h = aggregate(Block(block.src_nodes, block.n_dst, {rel: ei}, {rel: w}), rel, h, degree)
+    return h[:subgraph.seeds[node_t].numel()]
+
+
+def full_graph_knn_propagate(graph: CSR, lookup: Callable[[str, Tensor], Tensor], num_layers: int, dim: int,
+                             device: torch.device | str = "cpu", chunk_size: int = 65536,
+                             shard: RowShard | None = None) -> Tensor:
+    """``S^L e`` for every item (``knn_propagate_blocks`` over the full graph), layer by layer in row
+    chunks; ``lookup(ITEM, ids)`` gives the layer-0 ID embeddings (once per grid chunk, as in
+    ``full_graph_lightgcn``). With a ``shard``: this rank's rows ``shard.block(n_items)``, the layers
+    all-gathered. **Shapes:** -> [n_items, d] (with a shard: [i1 - i0, d])."""
+    sh = shard or RowShard()
+    n, cs = graph.n_rows, int(chunk_size)
+    i0, i1 = sh.block(n, cs)
+    vals = knn_norm_values(graph)
+    blk = torch.empty((sh.block_rows(n, cs), dim), device=device)
+    _fill_layer0(lookup, ITEM, sh, n, cs, blk, i0, device)
+    if num_layers:
+        h = sh.full_buffer(n, cs, dim, device)
+        for _ in range(num_layers):
+            sh.gather(h, blk)
+            csr_spmm(graph, h, cs, vals, out=blk, rows=(i0, i1))
+    return blk[:i1 - i0]

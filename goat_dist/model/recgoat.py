@@ -1,9 +1,11 @@
 """RecGOAT on neighbour-sampled mini-batches (DESIGN.md section 1).
 
     user  = LightGCN_u + beta * GAT_user(Linear(pref))            (second term only with the user branch)
-    item  = Fusion(LightGCN_i, {GAT_m(Linear(feat_m))}_m)          (OAT | concat | sum | none)
+    id_i  = LightGCN_i + w_knn * mean_m (S_m^L e)_i                (second term only with item_knn_id_layers)
+    item  = Fusion(id_i, {GAT_m(Linear(feat_m))}_m)                (OAT | concat | sum | none)
     score(u, i) = <user_u, item_i>
     loss  = BPR(user, item+, item-) + l2 * L2(raw ID embeddings) + cmcl_weight * CMCL + w_weight * sum_m W_m
+            + modality_bpr_weight * sum_m BPR(LightGCN_u, view_m(item+), view_m(item-))
     CMCL  = mean of InfoNCE(user, item+), InfoNCE(view_a, view_b) for every pair of item views
             (ID, each modality; over the batch's positive items), and
             InfoNCE(user ID view, user preference view) when the user branch is on — all MINIMISED.
@@ -14,6 +16,13 @@ Design choices:
 - Branch switches: ``use_item_modalities`` / ``modalities`` select item modalities (zero -> pure
   LightGCN: the fused item is the LightGCN item), ``use_user_branch`` needs user preference
   features (``user_feature_dim``); ``fusion`` picks the fusion.
+- Item-item ID propagation (FREEDOM, Zhou et al. 2023; ``item_knn_id_layers`` L > 0): the raw item
+  ID embeddings are propagated L layers over each used modality's kNN graph, symmetric-normalised
+  on its binary edges (``S_m = D^-1/2 A_m D^-1/2``, full-graph degrees ``degrees["knn_<m>"]``), and
+  the mean over modalities is added to the LightGCN item: items with similar content share
+  collaborative signal, which reaches cold items (no training interactions) too. The item-item
+  subgraphs carry ``max(gat_layers, L)`` hops; the GATs and this term each use their last hops, and
+  the extra source items are looked up in the same ID-table call as the user-item ones.
 - The user branch is added to the LightGCN user with a learnable scalar ``beta`` (init
   ``alpha_init``), so at initialisation the collaborative signal dominates, as for the items.
 - Loss convention ("shares", needed for rank-invariant training): every term returned by
@@ -46,7 +55,8 @@ from goat_dist.losses import InfoNCE, bpr_loss, global_value_local_grad, l2_loss
 from goat_dist.model.embeddings import IdEmbeddings
 from goat_dist.model.fusion import FusionOutput, OATFusion, ReduceStats, build_fusion
 from goat_dist.model.gat import FeatureSource, GATEncoder, gather_features
-from goat_dist.model.lightgcn import RowShard, full_graph_lightgcn, lightgcn_blocks
+from goat_dist.model.lightgcn import (RowShard, full_graph_knn_propagate, full_graph_lightgcn, knn_propagate_blocks,
+                                     lightgcn_blocks)
 from goat_dist.sampling.blocks import ITEM, USER, USER_USER, MiniBatch, SampledSubgraph, item_item_relation
 
 log = get_logger(__name__)
@@ -79,6 +89,12 @@ class RecGOAT(nn.Module):
         else:
             self.modalities = []
         self.use_user_branch = bool(cfg.use_user_branch and user_feature_dim is not None)
+        self.knn_id_layers = int(cfg.item_knn_id_layers)
+        if self.knn_id_layers < 0:
+            raise ValueError(f"model.item_knn_id_layers must be >= 0, got {self.knn_id_layers}")
+        if self.knn_id_layers and not self.modalities:
+            raise ValueError("model.item_knn_id_layers > 0 propagates over the item modalities' kNN graphs: "
+                             "it needs use_item_modalities and at least one modality")
         if cfg.use_user_branch and user_feature_dim is None:
             log.info("model.use_user_branch is on but the dataset has no user features: user branch off")
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -103,12 +119,22 @@ class RecGOAT(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Mini-batch forward
 
+    @staticmethod
+    def _last_hops(sub: SampledSubgraph | None, hops: int, what: str) -> SampledSubgraph | None:
+        """The seeds' ``hops``-hop subgraph: the last ``hops`` blocks of ``sub`` (which may have more)."""
+        if sub is None or len(sub.blocks) == hops:
+            return sub
+        if len(sub.blocks) < hops:
+            raise ValueError(f"{what}: {hops} hops need as many sampled item-item blocks, got {len(sub.blocks)}")
+        return SampledSubgraph(sub.seeds, sub.blocks[len(sub.blocks) - hops:])
+
     def _item_views(self, batch: MiniBatch, item_features: Mapping[str, FeatureSource]) -> Tensor:
         xs = []
         for m in self.modalities:
             if m not in item_features:
                 raise KeyError(f"item features for modality {m!r} missing (have {sorted(item_features)})")
-            xs.append(self.item_encoders[m](batch.item_item.get(m), item_features[m], seeds=batch.unique_items))
+            sub = self._last_hops(batch.item_item.get(m), self.cfg.gat_layers, f"GAT over modality {m!r}")
+            xs.append(self.item_encoders[m](sub, item_features[m], seeds=batch.unique_items))
         if not xs:
             return torch.zeros((0, batch.unique_items.numel(), self.dim), device=batch.unique_items.device)
         return torch.stack(xs)
@@ -127,6 +153,8 @@ class RecGOAT(nn.Module):
                 ``graphs.ui.user_degree`` / ``item_degree``, on the model's device) for the unbiased
                 sampled LightGCN: REQUIRED whenever a user-item fanout can be below a node's degree
                 (the sampler does not rescale edge weights); None = no rescaling, exact at fanout -1.
+                With ``item_knn_id_layers`` also ``"knn_<m>"`` [n_items] for every used modality:
+                the kNN graph's row lengths (``graphs.item_item[m].degrees()``), always required.
             reduce_stats: applied to the packed OAT statistics before the solve (all-reduce them).
 
         Returns a dict (U = len(unique_users), I = len(unique_items), M = #modalities):
@@ -149,8 +177,15 @@ class RecGOAT(nn.Module):
             src_u, src_i = batch.unique_users, batch.unique_items
         if sub.seeds[USER].numel() != nu or sub.seeds[ITEM].numel() != ni:
             raise ValueError("the user-item subgraph's seeds must be the batch's unique users and items")
-        e_u, e_i = self.id_emb(src_u, src_i)
+        knn_subs = self._knn_subgraphs(batch, degrees)
+        extra = [s.blocks[0].src_nodes[ITEM] if s.blocks else s.seeds[ITEM] for s in knn_subs.values()]
+        e_u, e_i = self.id_emb(src_u, torch.cat([src_i, *extra]) if extra else src_i)
+        e_i, *e_knn = torch.split(e_i, [src_i.numel(), *(x.numel() for x in extra)]) if extra else (e_i,)
         u_id, i_id = lightgcn_blocks(sub, e_u, e_i, None if degrees is None else dict(degrees))
+        if knn_subs:
+            props = [knn_propagate_blocks(s, item_item_relation(m), h, degrees[f"knn_{m}"])
+                     for (m, s), h in zip(knn_subs.items(), e_knn)]
+            i_id = i_id + self.cfg.item_knn_id_weight * self._mean(props)
 
         xs = self._item_views(batch, item_features)
         rows = torch.cat([batch.pos_index, batch.neg_index])
@@ -166,6 +201,29 @@ class RecGOAT(nn.Module):
         item_views = {"id": i_id, **{m: xs[k] for k, m in enumerate(self.modalities)}}
         return {"user": user, "item": fo.fused, "user_id": u_id, "item_id": i_id, "item_views": item_views,
                 "user_views": user_views, "user_emb0": e_u[:nu], "item_emb0": e_i[:ni], "W": fo.W, "fusion": fo}
+
+    def _knn_subgraphs(self, batch: MiniBatch, degrees: Mapping[str, Tensor] | None) -> dict[str, SampledSubgraph]:
+        """modality -> the subgraph of the item-item ID propagation (empty when it is off)."""
+        if not self.knn_id_layers:
+            return {}
+        subs = {}
+        for m in self.modalities:
+            if degrees is None or f"knn_{m}" not in degrees:
+                raise ValueError(f"model.item_knn_id_layers: pass degrees['knn_{m}'] (the row lengths of "
+                                 f"modality {m!r}'s kNN graph)")
+            sg = batch.item_item.get(m)
+            if sg is None:
+                raise ValueError(f"model.item_knn_id_layers: the batch has no item-item subgraph for modality {m!r}")
+            subs[m] = self._last_hops(sg, self.knn_id_layers, f"item-item ID propagation over {m!r}")
+        return subs
+
+    @staticmethod
+    def _mean(xs: list[Tensor]) -> Tensor:
+        """Mean of equal-shape tensors, summed in list order (both forward paths use it)."""
+        acc = xs[0]
+        for x in xs[1:]:
+            acc = acc + x
+        return acc / len(xs)
 
     # ------------------------------------------------------------------------------------------
     # Loss
@@ -206,6 +264,15 @@ class RecGOAT(nn.Module):
                            out["item_emb0"].index_select(0, batch.neg_index), denom=b_global))
         total = bpr + loss_cfg.l2 * l2
 
+        mod_bpr = torch.zeros((), device=device)
+        if loss_cfg.modality_bpr_weight > 0 and self.modalities:
+            u_id = out["user_id"].index_select(0, batch.user_index)
+            views = out["item_views"]
+            mod_bpr = share(torch.stack([bpr_loss(u_id, views[m].index_select(0, batch.pos_index),
+                                                  views[m].index_select(0, batch.neg_index), denom=b_global)
+                                         for m in self.modalities]).sum())
+            total = total + loss_cfg.modality_bpr_weight * mod_bpr
+
         cmcl = torch.zeros((), device=device)
         if loss_cfg.cmcl_weight > 0:
             nce = InfoNCE(loss_cfg.temperature, rank=rank, world_size=world_size,
@@ -234,6 +301,8 @@ class RecGOAT(nn.Module):
                 total = total + self.ot_cfg.w_weight * w
         parts = {"bpr": bpr.detach(), "l2": l2.detach(), "cmcl": cmcl.detach(), "w": w.detach(),
                  "loss": total.detach()}
+        if loss_cfg.modality_bpr_weight > 0 and self.modalities:
+            parts["mod_bpr"] = mod_bpr.detach()
         return total, parts
 
     # ------------------------------------------------------------------------------------------
@@ -295,6 +364,13 @@ class RecGOAT(nn.Module):
                                              device, chunk_size, user_ids=user_ids, shard=sh,
                                              stream_users=stream_users)
             item_features, item_graphs = item_features or {}, item_graphs or {}
+            if self.knn_id_layers:
+                missing = [m for m in self.modalities if item_graphs.get(m) is None]
+                if missing:
+                    raise ValueError(f"model.item_knn_id_layers: item_graphs lack the kNN graphs of {missing}")
+                props = [full_graph_knn_propagate(item_graphs[m], lookup, self.knn_id_layers, self.dim, device,
+                                                  chunk_size, shard=sh) for m in self.modalities]
+                i_id = i_id + self.cfg.item_knn_id_weight * self._mean(props)
             xs = [self.item_encoders[m].full_graph(item_graphs.get(m), item_features[m], self.n_items, chunk_size,
                                                    shard=sh) for m in self.modalities]
             i0, i1 = sh.block(self.n_items, chunk_size)

@@ -21,17 +21,20 @@ def triples(data):
     return users, pos, neg
 
 
-def step(rank, world_size, sizes):
+def step(rank, world_size, sizes, knn=False):
     data = TinyData(seed=11)
-    model = build(data, 2, True, "oat", dropout=0.0, seed=0)
+    extra = {"item_knn_id_layers": 1} if knn else {}
+    model = build(data, 2, True, "oat", dropout=0.0, seed=0, **extra)
     model.ot_cfg.w_weight = 0.3
     users, pos, neg = triples(data)
     lo = sum(sizes[:rank])
     sl = slice(lo, lo + sizes[rank])
     batch = data.batch(users[sl], pos[sl], neg[sl], id_layers=2, gat_layers=1)
     reduce = dist_fn.all_reduce if world_size > 1 else None
-    out = model(batch, data.item_features, data.user_features, degrees=data.deg, reduce_stats=reduce)
-    loss, parts = model.compute_loss(out, batch, LossConfig(l2=0.01, cmcl_weight=0.5, temperature=0.3),
+    deg = {**data.deg, **{f"knn_{m}": g.degrees().float() for m, g in data.item_graphs.items()}}
+    out = model(batch, data.item_features, data.user_features, degrees=deg, reduce_stats=reduce)
+    loss, parts = model.compute_loss(out, batch, LossConfig(l2=0.01, cmcl_weight=0.5, temperature=0.3,
+                                                            modality_bpr_weight=0.4 if knn else 0.0),
                                      rank, world_size)
     loss.backward()
     return {"parts": {k: float(v) for k, v in parts.items()},
@@ -39,10 +42,13 @@ def step(rank, world_size, sizes):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("sizes", [[6, 4], [3, 0, 7]])
-def test_distributed_loss_and_summed_gradients_equal_single_process(sizes):
-    single = step(0, 1, [N_TRIPLES])
-    results = run_distributed(step, len(sizes), sizes)
+@pytest.mark.parametrize("sizes,knn", [([6, 4], False), ([3, 0, 7], False), ([6, 4], True)])
+def test_distributed_loss_and_summed_gradients_equal_single_process(sizes, knn):
+    """``knn``: with the item-item ID propagation and the per-modality BPR term on."""
+    single = step(0, 1, [N_TRIPLES], knn)
+    if knn:
+        assert single["parts"]["mod_bpr"] > 0
+    results = run_distributed(step, len(sizes), sizes, knn)
     for res in results:
         for k, v in single["parts"].items():
             assert res["parts"][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k

@@ -1,0 +1,149 @@
+"""Item-item propagation of the ID embeddings (``model.item_knn_id_layers``, FREEDOM-style) and the
+per-modality BPR term (``loss.modality_bpr_weight``): the sampled mini-batch path against a dense
+reference, forward and backward, and against full-graph inference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from goat_dist.config import LossConfig
+from goat_dist.losses import bpr_loss
+from goat_dist.model.lightgcn import full_graph_knn_propagate
+from ref_blocks import TinyData
+from test_lightgcn import sparse_lightgcn
+from test_recgoat import build
+from test_with_sampler import sampled_batch
+
+
+def knn_degrees(data):
+    return {**data.deg, **{f"knn_{m}": g.degrees().float() for m, g in data.item_graphs.items()}}
+
+
+def dense_knn(data, e_i, layers, mods):
+    """mean_m (D^-1/2 A_m D^-1/2)^L e with dense binary adjacency matrices, float64."""
+    outs = []
+    for m in mods:
+        g = data.item_graphs[m]
+        a = torch.zeros(data.n_items, data.n_items, dtype=torch.float64)
+        rows = torch.repeat_interleave(torch.arange(data.n_items), g.degrees())
+        a[rows, g.indices.long()] = 1.0
+        d = a.sum(1).rsqrt()
+        s = d[:, None] * a * d[None, :]
+        h = e_i.double()
+        for _ in range(layers):
+            h = s @ h
+        outs.append(h)
+    return torch.stack(outs).mean(0)
+
+
+@pytest.mark.parametrize("knn_layers,gat_layers", [(1, 1), (2, 1), (1, 0)])
+def test_sampled_knn_id_propagation_equals_dense_reference_forward_and_backward(knn_layers, gat_layers):
+    data = TinyData(seed=21)
+    model = build(data, 2, False, "oat", id_layers=2, gat_layers=gat_layers, dropout=0.0,
+                  item_knn_id_layers=knn_layers, item_knn_id_weight=0.7)
+    torch.manual_seed(3)
+    with torch.no_grad():   # fresh random tables (not the init's scale)
+        for t in ("user", "item"):
+            model.id_emb.collection.embeddings[t].weight.normal_()
+    batch = sampled_batch(data, [0, 3, 3, 9, 17], [1, 2, 5, 4, 8], [7, 7, 0, 11, 19], id_layers=2,
+                          gat_layers=max(knn_layers, gat_layers))
+    out = model(batch, data.item_features, degrees=knn_degrees(data))
+
+    e_u = model.id_emb.collection.embeddings["user"].weight.detach().clone().double().requires_grad_(True)
+    e_i = model.id_emb.collection.embeddings["item"].weight.detach().clone().double().requires_grad_(True)
+    _, lgcn_i = sparse_lightgcn(data, e_u, e_i, 2)
+    ref = lgcn_i + 0.7 * dense_knn(data, e_i, knn_layers, model.modalities)
+    ref = ref[batch.unique_items]
+    torch.testing.assert_close(out["item_id"].double(), ref, rtol=1e-5, atol=1e-5)
+    assert (out["item_id"] - out["item_views"]["id"]).abs().max() == 0
+
+    r = torch.randn(ref.shape, dtype=torch.float64)
+    (out["item_id"].double() * r).sum().backward()
+    (ref * r).sum().backward()
+    for t, ref_g in (("item", e_i.grad), ("user", e_u.grad)):
+        g = model.id_emb.collection.embeddings[t].weight.grad
+        g = torch.zeros_like(ref_g) if g is None else g.to_dense().double()
+        torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-5, msg=t)
+    assert e_i.grad.abs().sum() > 0
+
+
+def test_full_graph_knn_propagation_equals_dense_and_ignores_chunking():
+    data = TinyData(seed=4, n_items=37)
+    e = torch.randn(data.n_items, 5)
+    lookup = lambda t, ids: e[ids]  # noqa: E731
+    ref = dense_knn(data, e, 2, ["image"])
+    for cs in (4, 11, 1000):
+        got = full_graph_knn_propagate(data.item_graphs["image"], lookup, 2, 5, chunk_size=cs)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(full_graph_knn_propagate(data.item_graphs["image"], lookup, 0, 5), e)
+
+
+@pytest.mark.parametrize("fusion", ["oat", "sum"])
+def test_full_graph_inference_with_knn_id_equals_eval_minibatch(fusion):
+    data = TinyData(seed=6)
+    model = build(data, 2, False, fusion, id_layers=2, gat_layers=1, item_knn_id_layers=2)
+    deg = knn_degrees(data)
+    model(sampled_batch(data, [1, 2], [3, 4], [5, 6], 2, 2), data.item_features, degrees=deg)  # EMA update
+    users, items = model.compute_all_representations(data.user_items, data.item_users, data.item_features,
+                                                     None, data.item_graphs, chunk_size=6)
+    model.eval()
+    batch = sampled_batch(data, [0, 5, 5, 9], [1, 2, 3, 4], [7, 7, 0, 11], 2, 2)
+    with torch.no_grad():
+        out = model(batch, data.item_features, degrees=deg)
+    torch.testing.assert_close(out["user"], users[batch.unique_users], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["item"], items[batch.unique_items], rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_knn_id_propagation_is_unbiased_at_small_fanout():
+    """Fanout 2 < kNN degree: the D_v / s_v rescaling makes one layer an unbiased estimate."""
+    data = TinyData(seed=13, knn=4)
+    model = build(data, 1, False, "sum", id_layers=0, gat_layers=0, item_knn_id_layers=1)
+    deg = knn_degrees(data)
+    e_i = model.id_emb.collection.embeddings["item"].weight.detach()
+    ref = dense_knn(data, e_i, 1, ["image"]).float() + e_i
+    items = list(range(data.n_items))
+    ests = []
+    with torch.no_grad():
+        for s in range(300):
+            b = sampled_batch(data, [0] * data.n_items, items, items, 0, 1, fanout=2, seed=s)
+            ests.append(model(b, data.item_features, degrees=deg)["item_id"][torch.argsort(b.unique_items)])
+    est = torch.stack(ests)
+    z = (est.mean(0) - ref) / (est.std(0) / len(ests) ** 0.5).clamp_min(1e-6)
+    assert int(deg["knn_image"].max()) > 3 and float(est.std(0).max()) > 0
+    assert float(z.abs().max()) < 5.0, float(z.abs().max())
+
+
+def test_modality_bpr_term_value_and_weighting():
+    data = TinyData(seed=2)
+    model = build(data, 2, False, "oat", dropout=0.0)
+    batch = sampled_batch(data, [0, 3, 9], [1, 2, 4], [7, 0, 11], 2, 1)
+    out = model(batch, data.item_features)
+    cfg = LossConfig(l2=1e-3, cmcl_weight=0.0, modality_bpr_weight=0.25)
+    total, parts = model.compute_loss(out, batch, cfg)
+    u = out["user_id"][batch.user_index]
+    want = sum(float(bpr_loss(u, out["item_views"][m][batch.pos_index], out["item_views"][m][batch.neg_index],
+                              denom=3.0)) for m in ("image", "text"))
+    manual = float(-F.logsigmoid((u * out["item_views"]["image"][batch.pos_index]).sum(1)
+                                 - (u * out["item_views"]["image"][batch.neg_index]).sum(1)).mean())
+    assert float(bpr_loss(u, out["item_views"]["image"][batch.pos_index],
+                          out["item_views"]["image"][batch.neg_index], denom=3.0)) == pytest.approx(manual, rel=1e-5)
+    assert float(parts["mod_bpr"]) == pytest.approx(want, rel=1e-5)
+    assert float(total) == pytest.approx(float(parts["bpr"]) + 1e-3 * float(parts["l2"]) + 0.25 * want, rel=1e-5)
+    total.backward()
+    assert model.item_encoders["image"].proj.weight.grad.abs().sum() > 0
+    _, parts_off = model.compute_loss(out, batch, LossConfig(l2=1e-3, cmcl_weight=0.0))
+    assert "mod_bpr" not in parts_off
+
+
+def test_knn_id_bad_configuration_errors():
+    data = TinyData(seed=1)
+    with pytest.raises(ValueError, match="needs use_item_modalities"):
+        build(data, 0, False, "none", item_knn_id_layers=1)
+    with pytest.raises(ValueError, match=">= 0"):
+        build(data, 2, False, "oat", item_knn_id_layers=-1)
+    model = build(data, 2, False, "oat", item_knn_id_layers=2)
+    with pytest.raises(ValueError, match=r"degrees\['knn_image'\]"):
+        model(sampled_batch(data, [1], [2], [3], 2, 2), data.item_features, degrees=data.deg)
+    with pytest.raises(ValueError, match="2 hops need as many"):
+        model(sampled_batch(data, [1], [2], [3], 2, 1), data.item_features, degrees=knn_degrees(data))
+    with pytest.raises(ValueError, match="lack the kNN graphs"):
+        model.compute_all_representations(data.user_items, data.item_users, data.item_features, None, {})
