@@ -5,6 +5,10 @@ measure its wall time and peak RSS (``/usr/bin/time -v`` when present, else ``ge
     .venv/bin/python -m benchmarks.run_accuracy                 # the whole table (hours on 2 cores)
     .venv/bin/python -m benchmarks.run_accuracy --only baby     # rows whose name starts with "baby"
     .venv/bin/python -m benchmarks.run_accuracy --collect       # only re-read existing run dirs
+    .venv/bin/python -m benchmarks.run_accuracy --only tiktok_recgoat --jobs 3   # 3 seeds at once
+
+With ``--jobs N`` up to N rows train at the same time (each is its own process); wall times then
+include the contention, so compare rows' wall times only within one ``--jobs`` setting.
 
 Every row is valid-selected: ``final.json`` holds the test metrics of the epoch chosen on the
 validation split. The same ``run_one`` drives the slow tests in ``tests/accuracy/``.
@@ -21,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,19 +139,29 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="run rows whose name starts with this")
     ap.add_argument("--collect", action="store_true", help="re-read existing run directories, train nothing")
+    ap.add_argument("--jobs", type=int, default=1, help="train up to this many rows at once (default 1)")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
     record = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     old = {r["name"]: r for r in record.get("rows", [])}
-    for row in table():
-        if not row.name.startswith(args.only):
-            continue
-        if args.collect:
+    todo = [row for row in table() if row.name.startswith(args.only)]
+    if args.collect:
+        for row in todo:
             if (row.run_dir / "final.json").exists():
                 old[row.name] = {**old.get(row.name, {}), **collect(row)}
-            continue
-        print(f"== {row.name}", flush=True)
-        old[row.name] = run_one(row)
-        print(json.dumps(old[row.name]), flush=True)
+    else:
+        def train(row: Row) -> dict:
+            print(f"== {row.name}", flush=True)
+            res = run_one(row)
+            if args.jobs > 1:
+                res["parallel_jobs"] = args.jobs
+            print(json.dumps(res), flush=True)
+            return res
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for row, res in zip(todo, pool.map(train, todo)):
+                old[row.name] = res
     rows = list(old.values())
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     # the other keys (the tuning history, the machine) are kept
