@@ -127,6 +127,10 @@ class ModelConfig:
     ``max(gat_layers, item_knn_id_layers)`` hops."""
     item_knn_id_weight: float = 1.0
     """Weight of the item-item ID propagation term (``item_knn_id_layers``)."""
+    score_fused: bool = True
+    """Score with the fused item (True, the paper) or with the ID item only (False, the FREEDOM
+    protocol): the modality views and the fusion then act through the loss only
+    (``loss.modality_bpr_weight``, ``loss.cmcl_weight``), and serving needs no features."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -157,6 +161,9 @@ class LossConfig:
     """Weight of the per-modality BPR terms (FREEDOM-style): for every item modality m,
     BPR(LightGCN user, view_m(item+), view_m(item-)) -- the modality views must rank the user's items
     on their own. 0 = off."""
+    modality_bpr_views: str = "raw"
+    """Which views the modality BPR ranks with: ``raw`` (the encoders' outputs) or ``aligned``
+    (OAT's transported views ``x_m (T_m + Delta_m)``, in the ID view's coordinates; fusion ``oat``)."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -92,6 +92,10 @@ def cold_start_params(model: RecGOAT) -> tuple[dict[str, np.ndarray], dict[str, 
         log.info("no cold-start parameters: they need OAT fusion over item modalities (model.fusion=%r, "
                  "modalities %s)", model.cfg.fusion, model.modalities or "none")
         return None
+    if not model.cfg.score_fused:
+        log.info("no cold-start parameters: model.score_fused is false (items score with their ID view, "
+                 "which features alone do not give)")
+        return None
     flat = fusion.ema_statistics()
     if flat is None:
         log.warning("the OAT fusion was never trained (no EMA statistics): no cold-start parameters written")

@@ -3,9 +3,10 @@
     user  = LightGCN_u + beta * GAT_user(Linear(pref))            (second term only with the user branch)
     id_i  = LightGCN_i + w_knn * mean_m (S_m^L e)_i                (second term only with item_knn_id_layers)
     item  = Fusion(id_i, {GAT_m(Linear(feat_m))}_m)                (OAT | concat | sum | none)
-    score(u, i) = <user_u, item_i>
+    score(u, i) = <user_u, item_i>       (with ``score_fused: false``: <user_u, id_i>, see below)
     loss  = BPR(user, item+, item-) + l2 * L2(raw ID embeddings) + cmcl_weight * CMCL + w_weight * sum_m W_m
             + modality_bpr_weight * sum_m BPR(LightGCN_u, view_m(item+), view_m(item-))
+              (view_m = GAT_m(...) with ``modality_bpr_views: raw``, OAT's aligned_m with ``aligned``)
     CMCL  = mean of InfoNCE(user, item+), InfoNCE(view_a, view_b) for every pair of item views
             (ID, each modality; over the batch's positive items), and
             InfoNCE(user ID view, user preference view) when the user branch is on — all MINIMISED.
@@ -23,6 +24,10 @@ Design choices:
   collaborative signal, which reaches cold items (no training interactions) too. The item-item
   subgraphs carry ``max(gat_layers, L)`` hops; the GATs and this term each use their last hops, and
   the extra source items are looked up in the same ID-table call as the user-item ones.
+- ``score_fused: false`` (the FREEDOM protocol): the ID item scores, and the modality views and the
+  fusion shape the model through the loss only (modality BPR, CMCL): they pull the shared user
+  representation towards what content predicts without adding their noise to every score. On TikTok
+  the fused scoring item cost more than the views gave (see configs/tiktok.yaml).
 - The user branch is added to the LightGCN user with a learnable scalar ``beta`` (init
   ``alpha_init``), so at initialisation the collaborative signal dominates, as for the items.
 - Loss convention ("shares", needed for rank-invariant training): every term returned by
@@ -199,8 +204,10 @@ class RecGOAT(nn.Module):
             user = u_id + self.user_beta * u_pref
             user_views = {"id": u_id, "pref": u_pref}
         item_views = {"id": i_id, **{m: xs[k] for k, m in enumerate(self.modalities)}}
-        return {"user": user, "item": fo.fused, "user_id": u_id, "item_id": i_id, "item_views": item_views,
-                "user_views": user_views, "user_emb0": e_u[:nu], "item_emb0": e_i[:ni], "W": fo.W, "fusion": fo}
+        aligned = {} if fo.aligned is None else {m: fo.aligned[k] for k, m in enumerate(self.modalities)}
+        return {"user": user, "item": fo.fused if self.cfg.score_fused else i_id, "user_id": u_id, "item_id": i_id,
+                "item_views": item_views, "item_aligned": aligned, "user_views": user_views,
+                "user_emb0": e_u[:nu], "item_emb0": e_i[:ni], "W": fo.W, "fusion": fo}
 
     def _knn_subgraphs(self, batch: MiniBatch, degrees: Mapping[str, Tensor] | None) -> dict[str, SampledSubgraph]:
         """modality -> the subgraph of the item-item ID propagation (empty when it is off)."""
@@ -267,7 +274,7 @@ class RecGOAT(nn.Module):
         mod_bpr = torch.zeros((), device=device)
         if loss_cfg.modality_bpr_weight > 0 and self.modalities:
             u_id = out["user_id"].index_select(0, batch.user_index)
-            views = out["item_views"]
+            views = self._modality_bpr_views(out, loss_cfg.modality_bpr_views)
             mod_bpr = share(torch.stack([bpr_loss(u_id, views[m].index_select(0, batch.pos_index),
                                                   views[m].index_select(0, batch.neg_index), denom=b_global)
                                          for m in self.modalities]).sum())
@@ -304,6 +311,16 @@ class RecGOAT(nn.Module):
         if loss_cfg.modality_bpr_weight > 0 and self.modalities:
             parts["mod_bpr"] = mod_bpr.detach()
         return total, parts
+
+    def _modality_bpr_views(self, out: Mapping[str, Any], which: str) -> Mapping[str, Tensor]:
+        if which == "raw":
+            return out["item_views"]
+        if which != "aligned":
+            raise ValueError(f"loss.modality_bpr_views must be 'raw' or 'aligned', got {which!r}")
+        if not out.get("item_aligned"):
+            raise ValueError(f"loss.modality_bpr_views 'aligned' needs model.fusion 'oat' (OAT's transported "
+                             f"views), got fusion {self.cfg.fusion!r}")
+        return out["item_aligned"]
 
     # ------------------------------------------------------------------------------------------
     # Full-graph inference
@@ -372,13 +389,16 @@ class RecGOAT(nn.Module):
                                                   chunk_size, shard=sh) for m in self.modalities]
                 i_id = i_id + self.cfg.item_knn_id_weight * self._mean(props)
             xs = [self.item_encoders[m].full_graph(item_graphs.get(m), item_features[m], self.n_items, chunk_size,
-                                                   shard=sh) for m in self.modalities]
+                                                   shard=sh) for m in self.modalities] if self.cfg.score_fused else []
             i0, i1 = sh.block(self.n_items, chunk_size)
             chunks = [(s - i0, e - i0) for s, e in sh.chunks(self.n_items, chunk_size) if e > s]
             items = sh.full_buffer(self.n_items, chunk_size, self.dim, device)
             block = items[:sh.block_rows(self.n_items, chunk_size)] if sh.world_size == 1 else \
                 items.new_empty((sh.block_rows(self.n_items, chunk_size), self.dim))
-            if isinstance(self.fusion, OATFusion):
+            if not self.cfg.score_fused:  # the FREEDOM protocol: the ID item scores
+                for s, e in chunks:
+                    block[s:e] = i_id[s:e]
+            elif isinstance(self.fusion, OATFusion):
                 flat = self.fusion.ema_statistics()
                 if flat is None:  # before any training step: statistics of ALL items
                     flat = self.fusion.statistics(*self._gather_items(i_id, torch.stack(xs), sh, chunk_size))

@@ -147,3 +147,55 @@ def test_knn_id_bad_configuration_errors():
         model(sampled_batch(data, [1], [2], [3], 2, 1), data.item_features, degrees=knn_degrees(data))
     with pytest.raises(ValueError, match="lack the kNN graphs"):
         model.compute_all_representations(data.user_items, data.item_users, data.item_features, None, {})
+
+
+def test_score_fused_off_scores_with_the_id_item_in_both_paths():
+    """``model.score_fused: false``: the mini-batch scoring item is the ID item (LightGCN + kNN term),
+    full-graph inference returns the same rows, and no cold-start export is offered."""
+    from goat_dist.checkpoint.export import cold_start_params
+
+    data = TinyData(seed=8)
+    model = build(data, 2, False, "oat", id_layers=2, gat_layers=1, item_knn_id_layers=1, score_fused=False)
+    deg = knn_degrees(data)
+    model(sampled_batch(data, [1, 2], [3, 4], [5, 6], 2, 1), data.item_features, degrees=deg)  # EMA update
+    users, items = model.compute_all_representations(data.user_items, data.item_users, data.item_features,
+                                                     None, data.item_graphs, chunk_size=5)
+    model.eval()
+    batch = sampled_batch(data, [0, 5, 9], [1, 2, 4], [7, 0, 11], 2, 1)
+    with torch.no_grad():
+        out = model(batch, data.item_features, degrees=deg)
+    assert out["item"] is out["item_id"]
+    assert (out["fusion"].fused - out["item_id"]).abs().max() > 1e-4   # the fusion itself did change it
+    torch.testing.assert_close(out["item"], items[batch.unique_items], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["user"], users[batch.unique_users], rtol=1e-5, atol=1e-5)
+    assert cold_start_params(model) is None
+
+
+def test_modality_bpr_over_aligned_views_value_gradient_and_errors():
+    data = TinyData(seed=5)
+    model = build(data, 2, False, "oat", dropout=0.0, score_fused=False)
+    batch = sampled_batch(data, [0, 3, 9, 4], [1, 2, 4, 6], [7, 0, 11, 3], 2, 1)
+    out = model(batch, data.item_features)
+    fo = out["fusion"]
+    # reference: the transported views recomputed by hand from the encoders' outputs and the plan
+    u = out["user_id"][batch.user_index]
+    want = 0.0
+    for k, m in enumerate(model.modalities):
+        a = out["item_views"][m] @ (fo.plan[k] + model.fusion.delta[k])
+        want += float(-F.logsigmoid((u * a[batch.pos_index]).sum(1) - (u * a[batch.neg_index]).sum(1)).mean())
+    cfg = LossConfig(l2=1e-3, cmcl_weight=0.0, modality_bpr_weight=0.5, modality_bpr_views="aligned")
+    total, parts = model.compute_loss(out, batch, cfg)
+    assert float(parts["mod_bpr"]) == pytest.approx(want, rel=1e-5)
+    raw = model.compute_loss(out, batch, LossConfig(l2=1e-3, cmcl_weight=0.0, modality_bpr_weight=0.5))[1]
+    assert float(raw["mod_bpr"]) != pytest.approx(want, rel=1e-3)    # the two choices differ
+    total.backward()
+    assert model.fusion.delta.grad.abs().sum() > 0
+    assert model.item_encoders["text"].proj.weight.grad.abs().sum() > 0
+    assert model.fusion.logits.grad is None or model.fusion.logits.grad.abs().sum() == 0  # not in any score
+
+    with pytest.raises(ValueError, match="'raw' or 'aligned'"):
+        model.compute_loss(out, batch, LossConfig(modality_bpr_weight=0.5, modality_bpr_views="fused"))
+    summed = build(data, 2, False, "sum", dropout=0.0)
+    out_s = summed(batch, data.item_features)
+    with pytest.raises(ValueError, match="needs model.fusion 'oat'"):
+        summed.compute_loss(out_s, batch, cfg)

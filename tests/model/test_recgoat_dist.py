@@ -21,9 +21,11 @@ def triples(data):
     return users, pos, neg
 
 
-def step(rank, world_size, sizes, knn=False):
+def step(rank, world_size, sizes, knn=False, aligned=False):
     data = TinyData(seed=11)
     extra = {"item_knn_id_layers": 1} if knn else {}
+    if aligned:   # the FREEDOM protocol: ID item scores, OAT's aligned views in the modality BPR
+        extra["score_fused"] = False
     model = build(data, 2, True, "oat", dropout=0.0, seed=0, **extra)
     model.ot_cfg.w_weight = 0.3
     users, pos, neg = triples(data)
@@ -34,7 +36,8 @@ def step(rank, world_size, sizes, knn=False):
     deg = {**data.deg, **{f"knn_{m}": g.degrees().float() for m, g in data.item_graphs.items()}}
     out = model(batch, data.item_features, data.user_features, degrees=deg, reduce_stats=reduce)
     loss, parts = model.compute_loss(out, batch, LossConfig(l2=0.01, cmcl_weight=0.5, temperature=0.3,
-                                                            modality_bpr_weight=0.4 if knn else 0.0),
+                                                            modality_bpr_weight=0.4 if knn else 0.0,
+                                                            modality_bpr_views="aligned" if aligned else "raw"),
                                      rank, world_size)
     loss.backward()
     return {"parts": {k: float(v) for k, v in parts.items()},
@@ -42,13 +45,17 @@ def step(rank, world_size, sizes, knn=False):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("sizes,knn", [([6, 4], False), ([3, 0, 7], False), ([6, 4], True)])
-def test_distributed_loss_and_summed_gradients_equal_single_process(sizes, knn):
-    """``knn``: with the item-item ID propagation and the per-modality BPR term on."""
-    single = step(0, 1, [N_TRIPLES], knn)
+@pytest.mark.parametrize("sizes,knn,aligned", [([6, 4], False, False), ([3, 0, 7], False, False),
+                                               ([6, 4], True, False), ([6, 4], True, True)])
+def test_distributed_loss_and_summed_gradients_equal_single_process(sizes, knn, aligned):
+    """``knn``: with the item-item ID propagation and the per-modality BPR term on; ``aligned``:
+    besides, ``score_fused: false`` and the modality BPR over OAT's aligned views."""
+    single = step(0, 1, [N_TRIPLES], knn, aligned)
     if knn:
         assert single["parts"]["mod_bpr"] > 0
-    results = run_distributed(step, len(sizes), sizes, knn)
+    if aligned:
+        assert single["grads"]["fusion.delta"].abs().sum() > 0
+    results = run_distributed(step, len(sizes), sizes, knn, aligned)
     for res in results:
         for k, v in single["parts"].items():
             assert res["parts"][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
