@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     run_dir = Path(args.run_dir)
     cfg = load_config(args.config, args.set)
+    if not cfg.model.score_fused:
+        p.error(f"{args.config}: model.score_fused is false (items score with their ID view), so the export "
+                "has no cold-start parameters; pass --set model.score_fused=true")
     load_before = os.getloadavg()
 
     retriever, trainer, final, train_s = train_and_export(cfg, run_dir / "normal", args.reuse)
