@@ -36,6 +36,9 @@ import numpy as np
 
 from goat_dist.serving.bundle import BundleError
 
+NO_PARAMS = ("this export has no cold-start parameters (they need OAT fusion over item modalities, "
+             "scoring with the fused item: model.score_fused true)")
+
 
 META_KEYS = ("modalities", "dim", "feature_dims", "gat_layers", "normalize", "ln_eps", "calibration_scale")
 
@@ -109,8 +112,7 @@ def embed_items(params: Mapping[str, np.ndarray], meta: Mapping[str, Any],
                 features: Mapping[str, Any]) -> np.ndarray:
     """Item representations [n, d] (float32) of new items from their features (module docstring)."""
     if not meta:
-        raise BundleError("this export has no cold-start parameters (they need OAT fusion over item modalities, "
-                          "scoring with the fused item: model.score_fused true)")
+        raise BundleError(NO_PARAMS)
     feats = check_features(features, meta)
     modalities, layers = list(meta["modalities"]), int(meta["gat_layers"])
     w = params["fusion/weights"].astype(np.float32)

@@ -254,8 +254,7 @@ class Retriever:
         scale instead of the modality views' (the trade-off is measured in
         ``benchmarks/results/cold_start.json``)."""
         if self._cold is None:
-            raise BundleError("this export has no cold-start parameters (they need OAT fusion over item modalities, "
-                              "scoring with the fused item: model.score_fused true)")
+            raise BundleError(cold_start.NO_PARAMS)
         params, meta = self._cold
         out = cold_start.embed_items(params, meta, features)
         if calibrated:
