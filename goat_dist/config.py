@@ -5,6 +5,8 @@ Design choices:
   never a module-level singleton.
 - Every YAML key must exist in its section: an unknown key or a wrong type is a ``ConfigError`` that
   names the key and the file (or ``--set``) it came from.
+- A string key with a fixed set of values declares them (``choices`` in the field's metadata); any
+  other value is a ``ConfigError`` at load time, even where the key is unused by the rest of the config.
 - ``--set section.key=value`` parses ``value`` as YAML (``4``, ``0.1``, ``[10, 5]``, ``true``,
   ``{user_item: [10, 5]}``) and type-checks it like a file value.
 - The resolved config (defaults + file + overrides) is written to every run directory.
@@ -23,6 +25,14 @@ import yaml
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and its source."""
+
+
+MODALITY_BPR_VIEWS = ("raw", "aligned")
+
+
+def _choice(default: str, choices: tuple[str, ...]) -> Any:
+    """A string field restricted to ``choices`` (checked by ``_build``)."""
+    return field(default=default, metadata={"choices": choices})
 
 
 @dataclass(kw_only=True, slots=True)
@@ -161,7 +171,7 @@ class LossConfig:
     """Weight of the per-modality BPR terms (FREEDOM-style): for every item modality m,
     BPR(LightGCN user, view_m(item+), view_m(item-)) -- the modality views must rank the user's items
     on their own. 0 = off."""
-    modality_bpr_views: str = "raw"
+    modality_bpr_views: str = _choice("raw", MODALITY_BPR_VIEWS)
     """Which views the modality BPR ranks with: ``raw`` (the encoders' outputs) or ``aligned``
     (OAT's transported views ``x_m (T_m + Delta_m)``, in the ID view's coordinates; fusion ``oat``)."""
 
@@ -315,14 +325,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def _build(cls: type, values: dict, where: str) -> Any:
     """``where`` is the dotted key path of this section ("" at the top level)."""
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         path = f"{where}.{key}" if where else str(key)
-        if key not in known:
+        if key not in fields:
             raise ConfigError(f"{path}: unknown key ({f'section {where!r}' if where else 'the top level'} "
-                              f"accepts: {', '.join(sorted(known))})")
+                              f"accepts: {', '.join(sorted(fields))})")
         kwargs[key] = _coerce(value, hints[key], path)
+        choices = fields[key].metadata.get("choices")
+        if choices is not None and kwargs[key] not in choices:
+            raise ConfigError(f"{path}: expected one of {', '.join(choices)}, got {kwargs[key]!r}")
     return cls(**kwargs)
 
 

@@ -52,6 +52,17 @@ def test_wrong_type_names_key(tmp_path, text, key):
     assert key in str(exc.value) and "c.yaml" in str(exc.value)
 
 
+def test_restricted_string_is_checked_at_load_even_when_unused(tmp_path):
+    # modality_bpr_weight is 0 (the default), so nothing downstream would look at the views key.
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, "loss:\n  modality_bpr_views: alligned\n"))
+    msg = str(exc.value)
+    assert "c.yaml" in msg and "loss.modality_bpr_views" in msg and "raw, aligned" in msg and "'alligned'" in msg
+    with pytest.raises(ConfigError, match=r"--set loss.modality_bpr_views=x.*one of raw, aligned"):
+        load_config(None, ["loss.modality_bpr_views=x"])
+    assert load_config(None, ["loss.modality_bpr_views=aligned"]).loss.modality_bpr_views == "aligned"
+
+
 def test_override_errors_name_the_override():
     with pytest.raises(ConfigError, match=r"--set train.nope=1.*train.nope"):
         load_config(None, ["train.nope=1"])

@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from goat_dist.config import LossConfig, ModelConfig, OTConfig
+from goat_dist.config import MODALITY_BPR_VIEWS, LossConfig, ModelConfig, OTConfig
 from goat_dist.graph.csr import CSR
 from goat_dist.log import get_logger
 from goat_dist.losses import InfoNCE, bpr_loss, global_value_local_grad, l2_loss
@@ -315,8 +315,8 @@ class RecGOAT(nn.Module):
     def _modality_bpr_views(self, out: Mapping[str, Any], which: str) -> Mapping[str, Tensor]:
         if which == "raw":
             return out["item_views"]
-        if which != "aligned":
-            raise ValueError(f"loss.modality_bpr_views must be 'raw' or 'aligned', got {which!r}")
+        if which not in MODALITY_BPR_VIEWS:
+            raise ValueError(f"loss.modality_bpr_views must be one of {', '.join(MODALITY_BPR_VIEWS)}, got {which!r}")
         if not out.get("item_aligned"):
             raise ValueError(f"loss.modality_bpr_views 'aligned' needs model.fusion 'oat' (OAT's transported "
                              f"views), got fusion {self.cfg.fusion!r}")

@@ -193,7 +193,7 @@ def test_modality_bpr_over_aligned_views_value_gradient_and_errors():
     assert model.item_encoders["text"].proj.weight.grad.abs().sum() > 0
     assert model.fusion.logits.grad is None or model.fusion.logits.grad.abs().sum() == 0  # not in any score
 
-    with pytest.raises(ValueError, match="'raw' or 'aligned'"):
+    with pytest.raises(ValueError, match="one of raw, aligned, got 'fused'"):
         model.compute_loss(out, batch, LossConfig(modality_bpr_weight=0.5, modality_bpr_views="fused"))
     summed = build(data, 2, False, "sum", dropout=0.0)
     out_s = summed(batch, data.item_features)
