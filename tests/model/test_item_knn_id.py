@@ -35,7 +35,7 @@ def dense_knn(data, e_i, layers, mods):
     return torch.stack(outs).mean(0)
 
 
-@pytest.mark.parametrize("knn_layers,gat_layers", [(1, 1), (2, 1), (1, 0)])
+@pytest.mark.parametrize("knn_layers,gat_layers", [(1, 1), (2, 1), (3, 1), (1, 0)])
 def test_sampled_knn_id_propagation_equals_dense_reference_forward_and_backward(knn_layers, gat_layers):
     data = TinyData(seed=21)
     model = build(data, 2, False, "oat", id_layers=2, gat_layers=gat_layers, dropout=0.0,
