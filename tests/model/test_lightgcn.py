@@ -24,7 +24,7 @@ def sparse_lightgcn(data: TinyData, e_u, e_i, layers):
     return acc[:nu], acc[nu:]
 
 
-@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("layers", [1, 3, 4])
 def test_minibatch_equals_full_graph_with_fanout_all(layers):
     data = TinyData(seed=layers)
     g = torch.Generator().manual_seed(0)
