@@ -54,17 +54,17 @@ def _wait_then_kill(head: RayHead, run_dir: Path, submit: subprocess.Popen, time
     while time.monotonic() - start < timeout:
         if submit.poll() is not None:
             raise AssertionError(f"the job ended (exit {submit.returncode}) before a worker could be killed")
-        steps = [e["step"] for e in _records(run_dir / "metrics.jsonl") if e.get("event") == "train"]
-        if steps and max(steps) > last_step:
-            last_step, last_progress = max(steps), time.monotonic()
+        step = max((e["step"] for e in _records(run_dir / "metrics.jsonl") if e.get("event") == "train"), default=-1)
+        if step > last_step:
+            last_step, last_progress = step, time.monotonic()
         elif time.monotonic() - last_progress > stall:
             raise AssertionError(f"no new training step for {stall:.0f}s (last step {last_step})")
         starts = [s for s in _records(run_dir / WORKERS_FILE) if s["rank"] == 1]
-        if steps and max(steps) >= KILL_AFTER and starts:
+        if step >= KILL_AFTER and starts:
             pid = starts[-1]["pid"]
             assert head.owns(pid), f"pid {pid} is not a process of our Ray head"
             os.kill(pid, signal.SIGKILL)
-            return pid, max(steps)
+            return pid, step
         time.sleep(0.05)
     raise AssertionError(f"no training step >= {KILL_AFTER} within {timeout:.0f}s (last step {last_step})")
 
