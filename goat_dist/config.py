@@ -137,6 +137,9 @@ class ModelConfig:
     ``max(gat_layers, item_knn_id_layers)`` hops."""
     item_knn_id_weight: float = 1.0
     """Weight of the item-item ID propagation term (``item_knn_id_layers``)."""
+    item_knn_id_modalities: list[str] = field(default_factory=list)
+    """The modalities whose kNN graphs carry the item-item ID propagation (a subset of the used
+    modalities; empty = all of them). The others keep their GAT views and their place in the fusion."""
     score_fused: bool = True
     """Score with the fused item (True, the paper) or with the ID item only (False, the FREEDOM
     protocol): the modality views and the fusion then act through the loss only

@@ -1,7 +1,8 @@
 """RecGOAT on neighbour-sampled mini-batches (DESIGN.md section 1).
 
     user  = LightGCN_u + beta * GAT_user(Linear(pref))            (second term only with the user branch)
-    id_i  = LightGCN_i + w_knn * mean_m (S_m^L e)_i                (second term only with item_knn_id_layers)
+    id_i  = LightGCN_i + w_knn * mean_m (S_m^L e)_i                (second term only with item_knn_id_layers;
+                                                                    m over item_knn_id_modalities)
     item  = Fusion(id_i, {GAT_m(Linear(feat_m))}_m)                (OAT | concat | sum | none)
     score(u, i) = <user_u, item_i>       (with ``score_fused: false``: <user_u, id_i>, see below)
     loss  = BPR(user, item+, item-) + l2 * L2(raw ID embeddings) + cmcl_weight * CMCL + w_weight * sum_m W_m
@@ -18,7 +19,8 @@ Design choices:
   LightGCN: the fused item is the LightGCN item), ``use_user_branch`` needs user preference
   features (``user_feature_dim``); ``fusion`` picks the fusion.
 - Item-item ID propagation (FREEDOM, Zhou et al. 2023; ``item_knn_id_layers`` L > 0): the raw item
-  ID embeddings are propagated L layers over each used modality's kNN graph, symmetric-normalised
+  ID embeddings are propagated L layers over each used modality's kNN graph (or those listed in
+  ``item_knn_id_modalities``), symmetric-normalised
   on its binary edges (``S_m = D^-1/2 A_m D^-1/2``, full-graph degrees ``degrees["knn_<m>"]``), and
   the mean over modalities is added to the LightGCN item: items with similar content share
   collaborative signal, which reaches cold items (no training interactions) too. The item-item
@@ -100,6 +102,11 @@ class RecGOAT(nn.Module):
         if self.knn_id_layers and not self.modalities:
             raise ValueError("model.item_knn_id_layers > 0 propagates over the item modalities' kNN graphs: "
                              "it needs use_item_modalities and at least one modality")
+        self.knn_modalities: list[str] = list(cfg.item_knn_id_modalities) or list(self.modalities)
+        stray = [m for m in self.knn_modalities if m not in self.modalities]
+        if self.knn_id_layers and stray:
+            raise ValueError(f"model.item_knn_id_modalities {stray} are not among the used modalities "
+                             f"{self.modalities}")
         if cfg.use_user_branch and user_feature_dim is None:
             log.info("model.use_user_branch is on but the dataset has no user features: user branch off")
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -214,7 +221,7 @@ class RecGOAT(nn.Module):
         if not self.knn_id_layers:
             return {}
         subs = {}
-        for m in self.modalities:
+        for m in self.knn_modalities:
             if degrees is None or f"knn_{m}" not in degrees:
                 raise ValueError(f"model.item_knn_id_layers: pass degrees['knn_{m}'] (the row lengths of "
                                  f"modality {m!r}'s kNN graph)")
@@ -382,11 +389,11 @@ class RecGOAT(nn.Module):
                                              stream_users=stream_users)
             item_features, item_graphs = item_features or {}, item_graphs or {}
             if self.knn_id_layers:
-                missing = [m for m in self.modalities if item_graphs.get(m) is None]
+                missing = [m for m in self.knn_modalities if item_graphs.get(m) is None]
                 if missing:
                     raise ValueError(f"model.item_knn_id_layers: item_graphs lack the kNN graphs of {missing}")
                 props = [full_graph_knn_propagate(item_graphs[m], lookup, self.knn_id_layers, self.dim, device,
-                                                  chunk_size, shard=sh) for m in self.modalities]
+                                                  chunk_size, shard=sh) for m in self.knn_modalities]
                 i_id = i_id + self.cfg.item_knn_id_weight * self._mean(props)
             xs = [self.item_encoders[m].full_graph(item_graphs.get(m), item_features[m], self.n_items, chunk_size,
                                                    shard=sh) for m in self.modalities] if self.cfg.score_fused else []

@@ -35,11 +35,13 @@ def dense_knn(data, e_i, layers, mods):
     return torch.stack(outs).mean(0)
 
 
-@pytest.mark.parametrize("knn_layers,gat_layers", [(1, 1), (2, 1), (3, 1), (1, 0)])
-def test_sampled_knn_id_propagation_equals_dense_reference_forward_and_backward(knn_layers, gat_layers):
+@pytest.mark.parametrize("knn_layers,gat_layers,knn_mods",
+                         [(1, 1, None), (2, 1, None), (3, 1, None), (1, 0, None), (2, 1, ["text"])])
+def test_sampled_knn_id_propagation_equals_dense_reference_forward_and_backward(knn_layers, gat_layers, knn_mods):
     data = TinyData(seed=21)
     model = build(data, 2, False, "oat", id_layers=2, gat_layers=gat_layers, dropout=0.0,
-                  item_knn_id_layers=knn_layers, item_knn_id_weight=0.7)
+                  item_knn_id_layers=knn_layers, item_knn_id_weight=0.7, item_knn_id_modalities=knn_mods or [])
+    assert model.knn_modalities == (knn_mods or model.modalities) and len(model.modalities) == 2
     torch.manual_seed(3)
     with torch.no_grad():   # fresh random tables (not the init's scale)
         for t in ("user", "item"):
@@ -51,7 +53,7 @@ def test_sampled_knn_id_propagation_equals_dense_reference_forward_and_backward(
     e_u = model.id_emb.collection.embeddings["user"].weight.detach().clone().double().requires_grad_(True)
     e_i = model.id_emb.collection.embeddings["item"].weight.detach().clone().double().requires_grad_(True)
     _, lgcn_i = sparse_lightgcn(data, e_u, e_i, 2)
-    ref = lgcn_i + 0.7 * dense_knn(data, e_i, knn_layers, model.modalities)
+    ref = lgcn_i + 0.7 * dense_knn(data, e_i, knn_layers, knn_mods or model.modalities)
     ref = ref[batch.unique_items]
     torch.testing.assert_close(out["item_id"].double(), ref, rtol=1e-5, atol=1e-5)
     assert (out["item_id"] - out["item_views"]["id"]).abs().max() == 0
@@ -77,10 +79,11 @@ def test_full_graph_knn_propagation_equals_dense_and_ignores_chunking():
     torch.testing.assert_close(full_graph_knn_propagate(data.item_graphs["image"], lookup, 0, 5), e)
 
 
-@pytest.mark.parametrize("fusion", ["oat", "sum"])
-def test_full_graph_inference_with_knn_id_equals_eval_minibatch(fusion):
+@pytest.mark.parametrize("fusion,knn_mods", [("oat", []), ("sum", []), ("oat", ["image"])])
+def test_full_graph_inference_with_knn_id_equals_eval_minibatch(fusion, knn_mods):
     data = TinyData(seed=6)
-    model = build(data, 2, False, fusion, id_layers=2, gat_layers=1, item_knn_id_layers=2)
+    model = build(data, 2, False, fusion, id_layers=2, gat_layers=1, item_knn_id_layers=2,
+                  item_knn_id_modalities=knn_mods)
     deg = knn_degrees(data)
     model(sampled_batch(data, [1, 2], [3, 4], [5, 6], 2, 2), data.item_features, degrees=deg)  # EMA update
     users, items = model.compute_all_representations(data.user_items, data.item_users, data.item_features,
@@ -147,6 +150,8 @@ def test_knn_id_bad_configuration_errors():
         model(sampled_batch(data, [1], [2], [3], 2, 1), data.item_features, degrees=knn_degrees(data))
     with pytest.raises(ValueError, match="lack the kNN graphs"):
         model.compute_all_representations(data.user_items, data.item_users, data.item_features, None, {})
+    with pytest.raises(ValueError, match=r"item_knn_id_modalities \['audio'\] are not among the used"):
+        build(data, 2, False, "oat", item_knn_id_layers=1, item_knn_id_modalities=["image", "audio"])
 
 
 def test_score_fused_off_scores_with_the_id_item_in_both_paths():
