@@ -33,6 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from goat_dist.config import Config, to_dict
 from goat_dist.log import get_logger
 
 log = get_logger(__name__)
@@ -65,13 +66,15 @@ def _allowed(key: str) -> bool:
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``"key: saved -> current"`` for every config key that differs and may not (see
     :data:`ALLOWED_RESUME_CHANGES`); empty when the run may resume. Values compare as JSON (a
-    checkpoint's config went through JSON)."""
+    checkpoint's config went through JSON). A key the checkpoint lacks (written before the key
+    existed) compares as its default: at the default it changes nothing."""
     a, b = _flatten(saved), _flatten(json.loads(json.dumps(current)))
+    defaults = _flatten(json.loads(json.dumps(to_dict(Config()))))
     out = []
     for key in sorted(set(a) | set(b)):
         if _allowed(key):
             continue
-        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        va, vb = a.get(key, defaults.get(key, "<absent>")), b.get(key, "<absent>")
         if va != vb:
             out.append(f"{key}: {va!r} -> {vb!r}")
     return out

@@ -111,3 +111,20 @@ def test_goat_train_resume_cli(tmp_path, capsys):
     assert "model.dim: 8 -> 4" in capsys.readouterr().err
     assert main(["train", "-c", str(config), "--run-dir", run, "--resume", f"{run}/checkpoints/step-99"]) == 2
     assert "step-99" in capsys.readouterr().err
+
+
+def test_config_key_added_after_the_checkpoint_compares_as_its_default():
+    """A checkpoint written before a config key existed resumes when the key is at its default, and
+    is refused (naming the key) when it is not."""
+    from goat_dist.config import Config, to_dict
+    from goat_dist.engine.checkpointing import config_differences
+
+    current = to_dict(Config())
+    saved = to_dict(Config())
+    del saved["model"]["item_knn_id_modalities"]
+    assert config_differences(saved, current) == []
+    current["model"]["item_knn_id_modalities"] = ["image"]
+    assert config_differences(saved, current) == ["model.item_knn_id_modalities: [] -> ['image']"]
+    current["model"]["item_knn_id_modalities"] = []
+    saved["model"]["no_such_key"] = 1              # a key the code no longer has still counts
+    assert config_differences(saved, current) == ["model.no_such_key: 1 -> '<absent>'"]
