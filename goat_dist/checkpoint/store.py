@@ -913,6 +913,15 @@ class CheckpointStore:
             raise CheckpointError(f"checkpoint {join_url(self.root, name)}: {EXTRA} is not a JSON object")
         return extra
 
+    def saved_keys(self, url: str) -> set[str]:
+        """The flattened keys (``"optim.dense.state.3.exp_avg"``, ...) checkpoint ``url`` holds, from
+        its DCP metadata (reads one small file; no verification: :meth:`load` does that)."""
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            return set(self._reader(name).read_metadata().state_dict_metadata)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {join_url(self.root, name)}: cannot read its DCP metadata: {e}") from e
+
     def load(self, url: str | None, state_dict: dict, *, process_group=None) -> dict:
         """Load checkpoint ``url`` (None or ``"latest"``: the newest that verifies) IN PLACE into
         ``state_dict`` (COLLECTIVE when torch.distributed is initialised). Returns its extra dict.

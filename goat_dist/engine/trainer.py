@@ -483,6 +483,18 @@ class Trainer:
         every rank stores one string per section instead."""
         return {k: json.dumps(v) for k, v in self.state_dict().items()}
 
+    @staticmethod
+    def _drop_unsaved_optimizer_state(sd: dict[str, Any], saved: set[str]) -> None:
+        """Remove from the load target the per-parameter optimiser states the checkpoint has none of:
+        a parameter that never had a gradient (e.g. the fusion weights with ``score_fused: false``)
+        has no Adam state in the saving run, and after the load must have none here either. A state
+        the checkpoint holds only part of stays in the target, so that the load names what is missing."""
+        for name, opt_sd in sd["optim"].items():
+            state = opt_sd.get("state", {})
+            for pid in list(state):
+                if not any(f"optim.{name}.state.{pid}.{k}" in saved for k in state[pid]):
+                    del state[pid]
+
     def _apply_loaded(self, sd: dict[str, Any], layout: dict) -> None:
         """After an in-place load: what does not live in the tensors the load wrote into."""
         self.sparse_opt.load_state_dict(sd["optim"]["sparse"])
@@ -549,6 +561,7 @@ class Trainer:
                                   f"{type(self).__name__} (resume single-process runs with `goat train`, "
                                   f"distributed ones with --nproc / torchrun)")
         sd = self._training_state(layout)
+        self._drop_unsaved_optimizer_state(sd, self._store_for(spec).saved_keys(url))
         self._store_for(spec).load(url, sd)
         plain = {k: json.loads(sd[k]) for k in self.state_dict()}
         self.load_state_dict(plain)
