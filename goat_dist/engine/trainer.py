@@ -490,7 +490,9 @@ class Trainer:
         has no Adam state in the saving run, and after the load must have none here either. A state
         the checkpoint holds only part of stays in the target, so that the load names what is missing."""
         for name, opt_sd in sd["optim"].items():
-            state = opt_sd.get("state", {})
+            if not (isinstance(opt_sd, dict) and "state" in opt_sd and "param_groups" in opt_sd):
+                continue   # not a torch optimiser's state_dict (fused TorchRec / DeepSpeed layouts)
+            state = opt_sd["state"]
             for pid in list(state):
                 if not any(f"optim.{name}.state.{pid}.{k}" in saved for k in state[pid]):
                     del state[pid]
