@@ -563,8 +563,9 @@ class Trainer:
                                   f"{type(self).__name__} (resume single-process runs with `goat train`, "
                                   f"distributed ones with --nproc / torchrun)")
         sd = self._training_state(layout)
-        self._drop_unsaved_optimizer_state(sd, self._store_for(spec).saved_keys(url))
-        self._store_for(spec).load(url, sd)
+        store = self._store_for(spec)
+        self._drop_unsaved_optimizer_state(sd, store.saved_keys(url))
+        store.load(url, sd)
         plain = {k: json.loads(sd[k]) for k in self.state_dict()}
         self.load_state_dict(plain)
         self._best_model_state = sd["best_model"] if plain["trainer"]["has_best_model"] else None
