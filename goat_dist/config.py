@@ -133,8 +133,8 @@ class ModelConfig:
     """Item-item propagation of the raw item ID embeddings (FREEDOM-style, Zhou et al. 2023): the ID
     view of an item gains ``item_knn_id_weight * mean_m (S_m^L e)_i`` over the used modalities' kNN
     graphs, ``S_m = D^-1/2 A_m D^-1/2`` (binary kNN edges incl. self-loops, full-graph degrees), L =
-    this many layers (0 = off). Needs item modalities; the item-item subgraphs are sampled with
-    ``max(gat_layers, item_knn_id_layers)`` hops."""
+    this many layers (0 = off). Needs item modalities; the kNN graphs of ``item_knn_id_modalities``
+    are sampled with ``max(gat_layers, item_knn_id_layers)`` hops, the others with ``gat_layers``."""
     item_knn_id_weight: float = 1.0
     """Weight of the item-item ID propagation term (``item_knn_id_layers``)."""
     item_knn_id_modalities: list[str] = field(default_factory=list)

@@ -43,7 +43,7 @@ from goat_dist.graph import Graphs, build_graphs
 from goat_dist.graph.csr import CSR
 from goat_dist.log import get_logger, progress
 from goat_dist.model.embeddings import materialize_
-from goat_dist.model.recgoat import RecGOAT
+from goat_dist.model.recgoat import RecGOAT, item_item_hops, knn_id_modalities
 from goat_dist.sampling.loader import MiniBatchSampler, make_loader
 from goat_dist.sampling.triples import TripleSampler
 
@@ -140,7 +140,7 @@ class Trainer:
                                      world_size=self.world_size, shard=shard)
         self.sampler = MiniBatchSampler(
             self.triples, ui.user_items, ui.item_users,
-            hops={"user_item": mcfg.id_layers, "item_item": max(mcfg.gat_layers, mcfg.item_knn_id_layers),
+            hops={"user_item": mcfg.id_layers, "item_item": item_item_hops(mcfg, self.modalities),
                   "user_user": mcfg.gat_layers},
             fanouts=cfg.sampling.fanouts, item_item=self.graphs.item_item, user_user=self.graphs.user_user,
             backend=cfg.sampling.backend)
@@ -152,9 +152,9 @@ class Trainer:
         self.item_features = {m: ds.item_features[m] for m in self.modalities}
         self.user_features = ds.user_features[self.user_feature_name] if self.user_feature_name else None
         self.degrees = {"user": ui.user_degree.to(self.device), "item": ui.item_degree.to(self.device)}
-        if mcfg.item_knn_id_layers:   # the item-item ID propagation's full-graph kNN degrees
-            self.degrees.update({f"knn_{m}": self.graphs.item_item[m].degrees().to(torch.float32).to(self.device)
-                                 for m in self.modalities})
+        # the item-item ID propagation's full-graph kNN degrees
+        self.degrees.update({f"knn_{m}": self.graphs.item_item[m].degrees().to(torch.float32).to(self.device)
+                             for m in knn_id_modalities(mcfg, self.modalities)})
         self._heldout = {}
         self._train_csr = ui.user_items
         log.info("data %.1fs, graphs %.1fs: %d users, %d items, %d train interactions; modalities %s",

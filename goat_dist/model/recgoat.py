@@ -24,8 +24,10 @@ Design choices:
   on its binary edges (``S_m = D^-1/2 A_m D^-1/2``, full-graph degrees ``degrees["knn_<m>"]``), and
   the mean over modalities is added to the LightGCN item: items with similar content share
   collaborative signal, which reaches cold items (no training interactions) too. The item-item
-  subgraphs carry ``max(gat_layers, L)`` hops; the GATs and this term each use their last hops, and
-  the extra source items are looked up in the same ID-table call as the user-item ones.
+  subgraphs carry ``max(gat_layers, L)`` hops (L only for the propagation's modalities); the GATs and this term each use their last hops, and
+  the extra source items are looked up in the same ID-table call as the user-item ones. Each
+  modality's graph is sampled only as deep as its consumers read (:func:`item_item_hops`): with the
+  propagation over the image graph only, the audio graph is sampled with ``gat_layers`` hops.
 - ``score_fused: false`` (the FREEDOM protocol): the ID item scores, and the modality views and the
   fusion shape the model through the loss only (modality BPR, CMCL): they pull the shared user
   representation towards what content predicts without adding their noise to every score. On TikTok
@@ -49,7 +51,7 @@ Design choices:
 from __future__ import annotations
 
 from itertools import combinations
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -67,6 +69,27 @@ from goat_dist.model.lightgcn import (RowShard, full_graph_knn_propagate, full_g
 from goat_dist.sampling.blocks import ITEM, USER, USER_USER, MiniBatch, SampledSubgraph, item_item_relation
 
 log = get_logger(__name__)
+
+
+
+def knn_id_modalities(cfg: ModelConfig, modalities: Sequence[str]) -> list[str]:
+    """The modalities whose kNN graphs carry the item-item ID propagation: ``item_knn_id_modalities``
+    (all of ``modalities`` when empty); ``[]`` when ``item_knn_id_layers`` is 0. Raises
+    ``ValueError`` naming the key when it lists a modality that is not used."""
+    if not cfg.item_knn_id_layers:
+        return []
+    out = list(cfg.item_knn_id_modalities) or list(modalities)
+    stray = [m for m in out if m not in modalities]
+    if stray:
+        raise ValueError(f"model.item_knn_id_modalities {stray} are not among the used modalities {list(modalities)}")
+    return out
+
+
+def item_item_hops(cfg: ModelConfig, modalities: Sequence[str]) -> dict[str, int]:
+    """modality -> hops its kNN graph must be sampled with: ``gat_layers`` for its GAT view, and
+    ``item_knn_id_layers`` where the ID propagation runs over it (the sampler's ``hops["item_item"]``)."""
+    knn = set(knn_id_modalities(cfg, modalities))
+    return {m: max(int(cfg.gat_layers), int(cfg.item_knn_id_layers) if m in knn else 0) for m in modalities}
 
 
 class RecGOAT(nn.Module):
@@ -102,11 +125,7 @@ class RecGOAT(nn.Module):
         if self.knn_id_layers and not self.modalities:
             raise ValueError("model.item_knn_id_layers > 0 propagates over the item modalities' kNN graphs: "
                              "it needs use_item_modalities and at least one modality")
-        self.knn_modalities: list[str] = list(cfg.item_knn_id_modalities) or list(self.modalities)
-        stray = [m for m in self.knn_modalities if m not in self.modalities]
-        if self.knn_id_layers and stray:
-            raise ValueError(f"model.item_knn_id_modalities {stray} are not among the used modalities "
-                             f"{self.modalities}")
+        self.knn_modalities: list[str] = knn_id_modalities(cfg, self.modalities)
         if cfg.use_user_branch and user_feature_dim is None:
             log.info("model.use_user_branch is on but the dataset has no user features: user branch off")
         device = torch.device(device) if device is not None else torch.device("cpu")

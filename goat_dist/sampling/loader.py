@@ -29,6 +29,22 @@ log = get_logger(__name__)
 _SUBGRAPH_STREAM = 0x5A3
 
 
+def _item_item_hops(value: int | Mapping[str, int], modalities: list[str]) -> dict[str, int]:
+    """``hops["item_item"]`` (one count for every kNN graph, or modality -> count) -> modality -> count."""
+    if isinstance(value, Mapping):
+        stray = sorted(set(value) - set(modalities))
+        if stray:
+            raise ValueError(f"hops['item_item'] names modalities {stray} that have no item-item graph; "
+                             f"the graphs are {sorted(modalities)}")
+        out = {m: int(value.get(m, 0)) for m in modalities}
+    else:
+        out = {m: int(value) for m in modalities}
+    bad = {m: h for m, h in out.items() if h < 0}
+    if bad:
+        raise ValueError(f"hops['item_item'] must be >= 0 for every modality, got {bad}")
+    return out
+
+
 class MiniBatchSampler:
     """Compose a :class:`TripleSampler` with the subgraph samplers into :class:`MiniBatch` objects.
 
@@ -40,8 +56,12 @@ class MiniBatchSampler:
 
     ``hops`` maps family (``user_item``, ``item_item``, ``user_user``) to its hop count (0 = no
     subgraph for that family: e.g. ``{"user_item": id_layers, "item_item": gat_layers,
-    "user_user": gat_layers}``); ``fanouts`` is the ``sampling.fanouts`` config value (see
-    :func:`resolve_fanouts`). All graphs must live on one device (CPU for worker processes).
+    "user_user": gat_layers}``). ``hops["item_item"]`` may also map modality -> hops, so that each
+    kNN graph is sampled only as deep as its consumers read (e.g. ``{"image": 3, "audio": 1}``: the
+    item-item ID propagation runs over the image graph only); a modality left out gets 0 hops (no
+    subgraph). ``fanouts`` is the ``sampling.fanouts`` config value (see :func:`resolve_fanouts`),
+    read with the deepest modality's hop count; a shallower modality uses the first (nearest-seed)
+    entries of the per-hop list. All graphs must live on one device (CPU for worker processes).
 
     **Shapes:** see :class:`MiniBatch`; ``batch(i)`` has ``b <= triples.batch_size`` triples.
     """
@@ -54,18 +74,25 @@ class MiniBatchSampler:
             raise ValueError(f"user_items is {user_items.n_rows}x{user_items.n_cols} but item_users is "
                              f"{item_users.n_rows}x{item_users.n_cols}; they must be transposes")
         self.triples = triples
-        hops = {f: int(hops.get(f, 0)) for f in ("user_item", "item_item", "user_user")}
+        item_hops = _item_item_hops(hops.get("item_item", 0), list(item_item))
+        hops = {f: int(hops.get(f, 0)) for f in ("user_item", "user_user")}
+        hops["item_item"] = max(item_hops.values(), default=0)
         relations = {"user_item": [ITEM_TO_USER, USER_TO_ITEM],
                      "item_item": [item_item_relation(m) for m in item_item],
                      "user_user": [USER_USER] if user_user is not None else []}
+        if not item_item:   # no kNN graphs (item modalities off): no item-item fanouts to check
+            del relations["item_item"]
         fan = resolve_fanouts(fanouts, relations, hops)
+        for m in item_item:   # hop 1 is nearest the seeds: a shallower graph keeps the first entries
+            rel = item_item_relation(m)
+            fan[rel] = fan[rel][:item_hops[m]]
         self.ui: NeighborSampler | None = None
         if hops["user_item"] > 0:
             self.ui = NeighborSampler({ITEM_TO_USER: user_items, USER_TO_ITEM: item_users},
                                       {r: fan[r] for r in relations["user_item"]}, backend)
         self.item_item: dict[str, NeighborSampler] = {}
-        if hops["item_item"] > 0:
-            for m, csr in item_item.items():
+        for m, csr in item_item.items():
+            if item_hops[m] > 0:
                 rel = item_item_relation(m)
                 self.item_item[m] = NeighborSampler({rel: csr}, {rel: fan[rel]}, backend)
         self.user_user: NeighborSampler | None = None

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from goat_dist.config import LossConfig
+from goat_dist.config import LossConfig, ModelConfig
 from goat_dist.losses import bpr_loss
 from goat_dist.model.lightgcn import full_graph_knn_propagate
+from goat_dist.model.recgoat import item_item_hops, knn_id_modalities
 from ref_blocks import TinyData
 from test_lightgcn import sparse_lightgcn
 from test_recgoat import build
@@ -35,9 +36,13 @@ def dense_knn(data, e_i, layers, mods):
     return torch.stack(outs).mean(0)
 
 
-@pytest.mark.parametrize("knn_layers,gat_layers,knn_mods",
-                         [(1, 1, None), (2, 1, None), (3, 1, None), (1, 0, None), (2, 1, ["text"])])
-def test_sampled_knn_id_propagation_equals_dense_reference_forward_and_backward(knn_layers, gat_layers, knn_mods):
+@pytest.mark.parametrize("knn_layers,gat_layers,knn_mods,per_modality_hops",
+                         [(1, 1, None, False), (2, 1, None, False), (3, 1, None, False), (1, 0, None, False),
+                          (2, 1, ["text"], False), (3, 1, ["text"], True), (2, 0, ["image"], True)])
+def test_sampled_knn_id_propagation_equals_dense_reference_forward_and_backward(knn_layers, gat_layers, knn_mods,
+                                                                                per_modality_hops):
+    """``per_modality_hops``: each kNN graph sampled only as deep as its consumers read
+    (``item_item_hops``, as the trainer samples), instead of the deepest count for all of them."""
     data = TinyData(seed=21)
     model = build(data, 2, False, "oat", id_layers=2, gat_layers=gat_layers, dropout=0.0,
                   item_knn_id_layers=knn_layers, item_knn_id_weight=0.7, item_knn_id_modalities=knn_mods or [])
@@ -46,9 +51,15 @@ def test_sampled_knn_id_propagation_equals_dense_reference_forward_and_backward(
     with torch.no_grad():   # fresh random tables (not the init's scale)
         for t in ("user", "item"):
             model.id_emb.collection.embeddings[t].weight.normal_()
+    hops = item_item_hops(model.cfg, model.modalities) if per_modality_hops else None
+    if per_modality_hops:   # the other modality is sampled shallower than the propagation's
+        assert hops == {m: (max(knn_layers, gat_layers) if m in knn_mods else gat_layers) for m in model.modalities}
     batch = sampled_batch(data, [0, 3, 3, 9, 17], [1, 2, 5, 4, 8], [7, 7, 0, 11, 19], id_layers=2,
-                          gat_layers=max(knn_layers, gat_layers))
-    out = model(batch, data.item_features, degrees=knn_degrees(data))
+                          gat_layers=max(knn_layers, gat_layers), item_hops=hops)
+    degrees = knn_degrees(data)
+    if per_modality_hops:   # only the propagation's modalities need their kNN degrees
+        degrees = {k: v for k, v in degrees.items() if not k.startswith("knn_") or k[4:] in knn_mods}
+    out = model(batch, data.item_features, degrees=degrees)
 
     e_u = model.id_emb.collection.embeddings["user"].weight.detach().clone().double().requires_grad_(True)
     e_i = model.id_emb.collection.embeddings["item"].weight.detach().clone().double().requires_grad_(True)
@@ -152,6 +163,20 @@ def test_knn_id_bad_configuration_errors():
         model.compute_all_representations(data.user_items, data.item_users, data.item_features, None, {})
     with pytest.raises(ValueError, match=r"item_knn_id_modalities \['audio'\] are not among the used"):
         build(data, 2, False, "oat", item_knn_id_layers=1, item_knn_id_modalities=["image", "audio"])
+
+
+def test_item_item_hops_per_modality():
+    """Each kNN graph is sampled as deep as its consumers read: its GAT view (``gat_layers``) and,
+    for the propagation's modalities only, ``item_knn_id_layers``."""
+    mc = ModelConfig(gat_layers=1, item_knn_id_layers=3, item_knn_id_modalities=["image"])
+    assert knn_id_modalities(mc, ["audio", "image"]) == ["image"]
+    assert item_item_hops(mc, ["audio", "image"]) == {"audio": 1, "image": 3}
+    mc = ModelConfig(gat_layers=2, item_knn_id_layers=1)   # all modalities propagate; the GATs are deeper
+    assert item_item_hops(mc, ["audio", "image"]) == {"audio": 2, "image": 2}
+    mc = ModelConfig(gat_layers=0, item_knn_id_layers=0, item_knn_id_modalities=["image"])   # propagation off
+    assert knn_id_modalities(mc, ["image"]) == [] and item_item_hops(mc, ["image", "text"]) == {"image": 0, "text": 0}
+    with pytest.raises(ValueError, match=r"item_knn_id_modalities \['text'\] are not among"):
+        item_item_hops(ModelConfig(item_knn_id_layers=1, item_knn_id_modalities=["text"]), ["image"])
 
 
 def test_score_fused_off_scores_with_the_id_item_in_both_paths():

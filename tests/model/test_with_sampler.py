@@ -10,7 +10,8 @@ from test_lightgcn import sparse_lightgcn
 from test_recgoat import build
 
 
-def sampled_batch(data, users, pos, neg, id_layers, gat_layers, fanout=-1, seed=0):
+def sampled_batch(data, users, pos, neg, id_layers, gat_layers, fanout=-1, seed=0, item_hops=None):
+    """``item_hops``: modality -> item-item hops (default ``gat_layers`` for every kNN graph)."""
     users, pos, neg = (torch.tensor(x) for x in (users, pos, neg))
     uu, ui = torch.unique(users, return_inverse=True)
     ii, inv = torch.unique(torch.cat([pos, neg]), return_inverse=True)
@@ -22,7 +23,10 @@ def sampled_batch(data, users, pos, neg, id_layers, gat_layers, fanout=-1, seed=
         {USER: uu, ITEM: ii}, g)
     for m, csr in data.item_graphs.items():
         rel = item_item_relation(m)
-        mb.item_item[m] = NeighborSampler({rel: csr}, {rel: [fanout] * gat_layers}).sample({ITEM: ii}, g)
+        hops = gat_layers if item_hops is None else item_hops[m]
+        if item_hops is not None and hops == 0:   # as MiniBatchSampler: no subgraph for that graph
+            continue
+        mb.item_item[m] = NeighborSampler({rel: csr}, {rel: [fanout] * hops}).sample({ITEM: ii}, g)
     mb.user_user = NeighborSampler({USER_USER: data.user_graph}, {USER_USER: [fanout] * gat_layers}).sample(
         {USER: uu}, g)
     return mb
