@@ -22,7 +22,7 @@ from goat_dist.config import load_config
 from goat_dist.engine.trainer import prepare_dataset
 from goat_dist.graph import build_graphs
 from goat_dist.log import get_logger, setup_logging
-from goat_dist.model.recgoat import item_item_hops
+from goat_dist.model.recgoat import item_item_hops, used_modalities
 from goat_dist.sampling.blocks import ITEM
 from goat_dist.sampling.loader import MiniBatchSampler
 from goat_dist.sampling.triples import TripleSampler
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     m = cfg.model
     ds = prepare_dataset(cfg.data)
-    mods = (list(m.modalities) or sorted(ds.item_features)) if m.use_item_modalities else []
+    mods = used_modalities(m, ds.item_features)
     if not mods:
         raise SystemExit(f"{args.config}: no item modalities, so no item-item graphs to sample")
     graphs = build_graphs(ds, cfg.graph, mods, False, None)
@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     for case, hops in cases.items():
         s = MiniBatchSampler(triples, graphs.ui.user_items, graphs.ui.item_users,
                              hops={"user_item": m.id_layers, "item_item": hops, "user_user": m.gat_layers},
-                             fanouts=cfg.sampling.fanouts,
-                             item_item=graphs.item_item)
+                             fanouts=cfg.sampling.fanouts, item_item=graphs.item_item)
         for mod in mods:
             smp = s.item_item[mod]
             t = sum(time_fn(lambda ii=ii: smp.sample({ITEM: ii}), repeats=args.repeats)["median_s"] for ii in seeds)
@@ -77,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                               f"{o['ms_per_batch']:.1f} ms, {o['mb_per_batch']:.2f} MB / batch",
                               f"{b['ms_per_batch']:.1f} ms, {b['mb_per_batch']:.2f} MB / batch", r["time_ratio"], mach)
     write_json(args.out, {"config": args.config, "overrides": args.overrides, "batches": n,
-                          "batches_per_epoch": triples.num_batches, "batch_size": cfg.train.batch_size, "repeats": args.repeats, "modalities": res,
-                          "machine": mach})
+                          "batches_per_epoch": triples.num_batches, "batch_size": cfg.train.batch_size,
+                          "repeats": args.repeats, "modalities": res, "machine": mach})
     log.info("wrote %s", args.out)
     return 0
 

@@ -43,7 +43,7 @@ from goat_dist.graph import Graphs, build_graphs
 from goat_dist.graph.csr import CSR
 from goat_dist.log import get_logger, progress
 from goat_dist.model.embeddings import materialize_
-from goat_dist.model.recgoat import RecGOAT, item_item_hops, knn_id_modalities
+from goat_dist.model.recgoat import RecGOAT, item_item_hops, knn_id_modalities, used_modalities
 from goat_dist.sampling.loader import MiniBatchSampler, make_loader
 from goat_dist.sampling.triples import TripleSampler
 
@@ -128,7 +128,7 @@ class Trainer:
         self.dataset = ds = self._rank_zero_first(lambda: prepare_dataset(cfg.data))
         t_data = time.perf_counter()
         self.item_dims = {m: int(f.shape[1]) for m, f in ds.item_features.items()}
-        self.modalities = (list(mcfg.modalities) or sorted(self.item_dims)) if mcfg.use_item_modalities else []
+        self.modalities = used_modalities(mcfg, self.item_dims)
         self.user_feature_name = sorted(ds.user_features)[0] if (mcfg.use_user_branch and ds.user_features) else None
         self.graphs: Graphs = self._rank_zero_first(lambda: build_graphs(
             ds, cfg.graph, self.modalities, self.user_feature_name is not None, self.user_feature_name))

@@ -24,10 +24,10 @@ Design choices:
   on its binary edges (``S_m = D^-1/2 A_m D^-1/2``, full-graph degrees ``degrees["knn_<m>"]``), and
   the mean over modalities is added to the LightGCN item: items with similar content share
   collaborative signal, which reaches cold items (no training interactions) too. The item-item
-  subgraphs carry ``max(gat_layers, L)`` hops (L only for the propagation's modalities); the GATs and this term each use their last hops, and
-  the extra source items are looked up in the same ID-table call as the user-item ones. Each
-  modality's graph is sampled only as deep as its consumers read (:func:`item_item_hops`): with the
-  propagation over the image graph only, the audio graph is sampled with ``gat_layers`` hops.
+  subgraphs carry ``max(gat_layers, L)`` hops for the propagation's modalities and ``gat_layers``
+  for the others (:func:`item_item_hops`: each graph only as deep as its consumers read); the GATs
+  and this term each use their last hops, and the extra source items are looked up in the same
+  ID-table call as the user-item ones.
 - ``score_fused: false`` (the FREEDOM protocol): the ID item scores, and the modality views and the
   fusion shape the model through the loss only (modality BPR, CMCL): they pull the shared user
   representation towards what content predicts without adding their noise to every score. On TikTok
@@ -71,6 +71,17 @@ from goat_dist.sampling.blocks import ITEM, USER, USER_USER, MiniBatch, SampledS
 log = get_logger(__name__)
 
 
+def used_modalities(cfg: ModelConfig, available: Mapping[str, Any]) -> list[str]:
+    """The item modalities the model uses: ``cfg.modalities`` (all of ``available``, sorted, when
+    empty); ``[]`` with ``use_item_modalities`` off. Raises ``ValueError`` naming ``model.modalities``
+    when it lists one that ``available`` (the dataset's item features) lacks."""
+    if not cfg.use_item_modalities:
+        return []
+    unknown = [m for m in cfg.modalities if m not in available]
+    if unknown:
+        raise ValueError(f"model.modalities {unknown} not among the dataset's item features {sorted(available)}")
+    return list(cfg.modalities) or sorted(available)
+
 
 def knn_id_modalities(cfg: ModelConfig, modalities: Sequence[str]) -> list[str]:
     """The modalities whose kNN graphs carry the item-item ID propagation: ``item_knn_id_modalities``
@@ -110,14 +121,7 @@ class RecGOAT(nn.Module):
         super().__init__()
         self.cfg, self.ot_cfg = cfg, ot_cfg
         self.n_users, self.n_items, self.dim = int(n_users), int(n_items), int(cfg.dim)
-        if cfg.use_item_modalities:
-            unknown = [m for m in cfg.modalities if m not in item_feature_dims]
-            if unknown:
-                raise ValueError(f"model.modalities {unknown} not among the dataset's item features "
-                                 f"{sorted(item_feature_dims)}")
-            self.modalities: list[str] = list(cfg.modalities) or sorted(item_feature_dims)
-        else:
-            self.modalities = []
+        self.modalities: list[str] = used_modalities(cfg, item_feature_dims)
         self.use_user_branch = bool(cfg.use_user_branch and user_feature_dim is not None)
         self.knn_id_layers = int(cfg.item_knn_id_layers)
         if self.knn_id_layers < 0:

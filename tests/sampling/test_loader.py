@@ -100,8 +100,8 @@ def test_ranks_differ_and_full_fanout_is_deterministic_in_batch_content():
 
 def test_item_item_hops_per_modality_and_fanout_prefix():
     """``hops["item_item"]`` as modality -> hops: each kNN graph gets its own depth, a shallower one
-    the first (nearest-seed) fanouts of the per-hop list, 0 none; hop 1 equals the deeper graph's
-    sampler given the same stream; stray or negative entries are errors naming the modality."""
+    the first (nearest-seed) fanouts of the per-hop list, 0 none; the mapping form draws what the
+    single count does given the same stream; stray or negative entries are errors naming the modality."""
     g = torch.Generator().manual_seed(0)
     users = torch.randint(0, N_USERS, (400,), generator=g)
     items = torch.randint(0, N_ITEMS, (400,), generator=g)
