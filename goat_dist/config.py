@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 
 
 MODALITY_BPR_VIEWS = ("raw", "aligned")
+KNN_ID_COMBINE = ("last", "mean")
 
 
 def _choice(default: str, choices: tuple[str, ...]) -> Any:
@@ -137,6 +138,10 @@ class ModelConfig:
     are sampled with ``max(gat_layers, item_knn_id_layers)`` hops, the others with ``gat_layers``."""
     item_knn_id_weight: float = 1.0
     """Weight of the item-item ID propagation term (``item_knn_id_layers``)."""
+    item_knn_id_combine: str = _choice("last", KNN_ID_COMBINE)
+    """How the item-item ID propagation combines its hops: ``last`` = ``S_m^L e`` (the last hop, as
+    FREEDOM), ``mean`` = ``1/L sum_{l=1..L} S_m^l e`` (the mean of hops 1..L, as LightGCN's layer
+    mean: the near neighbours keep their weight as L grows)."""
     item_knn_id_modalities: list[str] = field(default_factory=list)
     """The modalities whose kNN graphs carry the item-item ID propagation (a subset of the used
     modalities; empty = all of them). The others keep their GAT views and their place in the fusion."""

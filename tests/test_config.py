@@ -61,6 +61,9 @@ def test_restricted_string_is_checked_at_load_even_when_unused(tmp_path):
     with pytest.raises(ConfigError, match=r"--set loss.modality_bpr_views=x.*one of raw, aligned"):
         load_config(None, ["loss.modality_bpr_views=x"])
     assert load_config(None, ["loss.modality_bpr_views=aligned"]).loss.modality_bpr_views == "aligned"
+    with pytest.raises(ConfigError, match=r"--set model.item_knn_id_combine=sum.*one of last, mean"):
+        load_config(None, ["model.item_knn_id_combine=sum"])
+    assert load_config(None, ["model.item_knn_id_combine=mean"]).model.item_knn_id_combine == "mean"
 
 
 def test_override_errors_name_the_override():

@@ -481,14 +481,21 @@ def knn_norm_values(graph: CSR) -> Tensor:
     return (deg[rows] * deg[graph.indices.to(torch.int64)]).rsqrt()
 
 
-def knn_propagate_blocks(subgraph: SampledSubgraph, rel: Relation, h: Tensor, degree: Tensor) -> Tensor:
-    """``S^L h`` at the seeds over the sampled blocks of one kNN relation, ``S = D^-1/2 A D^-1/2`` with
-    FULL-graph degrees ``degree`` (global id -> row length incl. the self-loop); each block's sums are
-    rescaled by ``D_v / s_v`` (``aggregate``), exact at fanout -1.
+def knn_propagate_blocks(subgraph: SampledSubgraph, rel: Relation, h: Tensor, degree: Tensor,
+                         combine: str = "last") -> Tensor:
+    """``S^L h`` (``combine="last"``) or ``1/L sum_{l=1..L} S^l h`` (``"mean"``) at the seeds over the
+    L sampled blocks of one kNN relation, ``S = D^-1/2 A D^-1/2`` with FULL-graph degrees ``degree``
+    (global id -> row length incl. the self-loop); each block's sums are rescaled by ``D_v / s_v``
+    (``aggregate``), exact at fanout -1. The seeds are the first rows of every block's destinations,
+    so hop l's value at the seeds is the first ``n_seeds`` rows after block l.
 
     **Shapes:** h [n_src of blocks[0], d] -> [n_seeds, d]."""
+    if combine not in ("last", "mean"):
+        raise ValueError(f"kNN propagation: combine must be 'last' or 'mean', got {combine!r}")
     node_t = rel[2]
+    n_seeds = subgraph.seeds[node_t].numel()
     degree = degree.to(h.device, h.dtype)
+    acc = None
     for block in subgraph.blocks:
         nodes = block.src_nodes[node_t]
         if h.shape[0] != nodes.numel():
@@ -500,16 +507,23 @@ def knn_propagate_blocks(subgraph: SampledSubgraph, rel: Relation, h: Tensor, de
         g = nodes.to(h.device)
         w = (degree.index_select(0, g.index_select(0, ei[0])) * degree.index_select(0, g.index_select(0, ei[1]))).rsqrt()
         h = aggregate(Block(block.src_nodes, block.n_dst, {rel: ei}, {rel: w}), rel, h, degree)
-    return h[:subgraph.seeds[node_t].numel()]
+        if combine == "mean":
+            acc = h[:n_seeds] if acc is None else acc + h[:n_seeds]
+    if acc is not None:
+        return acc / len(subgraph.blocks)
+    return h[:n_seeds]
 
 
 def full_graph_knn_propagate(graph: CSR, lookup: Callable[[str, Tensor], Tensor], num_layers: int, dim: int,
                              device: torch.device | str = "cpu", chunk_size: int = 65536,
-                             shard: RowShard | None = None) -> Tensor:
-    """``S^L e`` for every item (``knn_propagate_blocks`` over the full graph), layer by layer in row
-    chunks; ``lookup(ITEM, ids)`` gives the layer-0 ID embeddings (once per grid chunk, as in
-    ``full_graph_lightgcn``). With a ``shard``: this rank's rows ``shard.block(n_items)``, the layers
-    all-gathered. **Shapes:** -> [n_items, d] (with a shard: [i1 - i0, d])."""
+                             shard: RowShard | None = None, combine: str = "last") -> Tensor:
+    """``S^L e`` (``combine="last"``) or ``1/L sum_{l=1..L} S^l e`` (``"mean"``) for every item
+    (``knn_propagate_blocks`` over the full graph), layer by layer in row chunks; ``lookup(ITEM,
+    ids)`` gives the layer-0 ID embeddings (once per grid chunk, as in ``full_graph_lightgcn``). With
+    a ``shard``: this rank's rows ``shard.block(n_items)``, the layers all-gathered.
+    **Shapes:** -> [n_items, d] (with a shard: [i1 - i0, d])."""
+    if combine not in ("last", "mean"):
+        raise ValueError(f"kNN propagation: combine must be 'last' or 'mean', got {combine!r}")
     sh = shard or RowShard()
     n, cs = graph.n_rows, int(chunk_size)
     i0, i1 = sh.block(n, cs)
@@ -518,7 +532,12 @@ def full_graph_knn_propagate(graph: CSR, lookup: Callable[[str, Tensor], Tensor]
     _fill_layer0(lookup, ITEM, sh, n, cs, blk, i0, device)
     if num_layers:
         h = sh.full_buffer(n, cs, dim, device)
+        acc = None
         for _ in range(num_layers):
             sh.gather(h, blk)
             csr_spmm(graph, h, cs, vals, out=blk, rows=(i0, i1))
+            if combine == "mean":
+                acc = blk.clone() if acc is None else acc.add_(blk)
+        if acc is not None:
+            return acc[:i1 - i0] / num_layers
     return blk[:i1 - i0]

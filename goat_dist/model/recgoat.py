@@ -2,7 +2,9 @@
 
     user  = LightGCN_u + beta * GAT_user(Linear(pref))            (second term only with the user branch)
     id_i  = LightGCN_i + w_knn * mean_m (S_m^L e)_i                (second term only with item_knn_id_layers;
-                                                                    m over item_knn_id_modalities)
+                                                                    m over item_knn_id_modalities; with
+                                                                    item_knn_id_combine "mean":
+                                                                    1/L sum_l S_m^l e)
     item  = Fusion(id_i, {GAT_m(Linear(feat_m))}_m)                (OAT | concat | sum | none)
     score(u, i) = <user_u, item_i>       (with ``score_fused: false``: <user_u, id_i>, see below)
     loss  = BPR(user, item+, item-) + l2 * L2(raw ID embeddings) + cmcl_weight * CMCL + w_weight * sum_m W_m
@@ -218,7 +220,8 @@ class RecGOAT(nn.Module):
         e_i, *e_knn = torch.split(e_i, [src_i.numel(), *(x.numel() for x in extra)]) if extra else (e_i,)
         u_id, i_id = lightgcn_blocks(sub, e_u, e_i, None if degrees is None else dict(degrees))
         if knn_subs:
-            props = [knn_propagate_blocks(s, item_item_relation(m), h, degrees[f"knn_{m}"])
+            props = [knn_propagate_blocks(s, item_item_relation(m), h, degrees[f"knn_{m}"],
+                                          self.cfg.item_knn_id_combine)
                      for (m, s), h in zip(knn_subs.items(), e_knn)]
             i_id = i_id + self.cfg.item_knn_id_weight * self._mean(props)
 
@@ -416,7 +419,8 @@ class RecGOAT(nn.Module):
                 if missing:
                     raise ValueError(f"model.item_knn_id_layers: item_graphs lack the kNN graphs of {missing}")
                 props = [full_graph_knn_propagate(item_graphs[m], lookup, self.knn_id_layers, self.dim, device,
-                                                  chunk_size, shard=sh) for m in self.knn_modalities]
+                                                  chunk_size, shard=sh, combine=self.cfg.item_knn_id_combine)
+                         for m in self.knn_modalities]
                 i_id = i_id + self.cfg.item_knn_id_weight * self._mean(props)
             xs = [self.item_encoders[m].full_graph(item_graphs.get(m), item_features[m], self.n_items, chunk_size,
                                                    shard=sh) for m in self.modalities] if self.cfg.score_fused else []

@@ -19,8 +19,9 @@ def knn_degrees(data):
     return {**data.deg, **{f"knn_{m}": g.degrees().float() for m, g in data.item_graphs.items()}}
 
 
-def dense_knn(data, e_i, layers, mods):
-    """mean_m (D^-1/2 A_m D^-1/2)^L e with dense binary adjacency matrices, float64."""
+def dense_knn(data, e_i, layers, mods, combine="last"):
+    """mean_m (D^-1/2 A_m D^-1/2)^L e (``combine="mean"``: mean_m 1/L sum_{l=1..L} S_m^l e) with dense
+    binary adjacency matrices, float64."""
     outs = []
     for m in mods:
         g = data.item_graphs[m]
@@ -29,23 +30,29 @@ def dense_knn(data, e_i, layers, mods):
         a[rows, g.indices.long()] = 1.0
         d = a.sum(1).rsqrt()
         s = d[:, None] * a * d[None, :]
-        h = e_i.double()
+        h, hops = e_i.double(), []
         for _ in range(layers):
             h = s @ h
-        outs.append(h)
+            hops.append(h)
+        outs.append(torch.stack(hops).mean(0) if combine == "mean" and hops else h)
     return torch.stack(outs).mean(0)
 
 
-@pytest.mark.parametrize("knn_layers,gat_layers,knn_mods,per_modality_hops",
-                         [(1, 1, None, False), (2, 1, None, False), (3, 1, None, False), (1, 0, None, False),
-                          (2, 1, ["text"], False), (3, 1, ["text"], True), (2, 0, ["image"], True)])
+@pytest.mark.parametrize("knn_layers,gat_layers,knn_mods,per_modality_hops,combine",
+                         [(1, 1, None, False, "last"), (2, 1, None, False, "last"), (3, 1, None, False, "last"),
+                          (1, 0, None, False, "last"), (2, 1, ["text"], False, "last"),
+                          (3, 1, ["text"], True, "last"), (2, 0, ["image"], True, "last"),
+                          (1, 1, None, False, "mean"), (3, 1, None, False, "mean"), (3, 1, ["text"], True, "mean"),
+                          (2, 3, ["image"], True, "mean")])
 def test_sampled_knn_id_propagation_equals_dense_reference_forward_and_backward(knn_layers, gat_layers, knn_mods,
-                                                                                per_modality_hops):
+                                                                                per_modality_hops, combine):
     """``per_modality_hops``: each kNN graph sampled only as deep as its consumers read
-    (``item_item_hops``, as the trainer samples), instead of the deepest count for all of them."""
+    (``item_item_hops``, as the trainer samples), instead of the deepest count for all of them.
+    ``combine``: the last hop or the mean of hops 1..L (``model.item_knn_id_combine``)."""
     data = TinyData(seed=21)
     model = build(data, 2, False, "oat", id_layers=2, gat_layers=gat_layers, dropout=0.0,
-                  item_knn_id_layers=knn_layers, item_knn_id_weight=0.7, item_knn_id_modalities=knn_mods or [])
+                  item_knn_id_layers=knn_layers, item_knn_id_weight=0.7, item_knn_id_modalities=knn_mods or [],
+                  item_knn_id_combine=combine)
     assert model.knn_modalities == (knn_mods or model.modalities) and len(model.modalities) == 2
     torch.manual_seed(3)
     with torch.no_grad():   # fresh random tables (not the init's scale)
@@ -64,7 +71,7 @@ def test_sampled_knn_id_propagation_equals_dense_reference_forward_and_backward(
     e_u = model.id_emb.collection.embeddings["user"].weight.detach().clone().double().requires_grad_(True)
     e_i = model.id_emb.collection.embeddings["item"].weight.detach().clone().double().requires_grad_(True)
     _, lgcn_i = sparse_lightgcn(data, e_u, e_i, 2)
-    ref = lgcn_i + 0.7 * dense_knn(data, e_i, knn_layers, knn_mods or model.modalities)
+    ref = lgcn_i + 0.7 * dense_knn(data, e_i, knn_layers, knn_mods or model.modalities, combine)
     ref = ref[batch.unique_items]
     torch.testing.assert_close(out["item_id"].double(), ref, rtol=1e-5, atol=1e-5)
     assert (out["item_id"] - out["item_views"]["id"]).abs().max() == 0
@@ -83,18 +90,24 @@ def test_full_graph_knn_propagation_equals_dense_and_ignores_chunking():
     data = TinyData(seed=4, n_items=37)
     e = torch.randn(data.n_items, 5)
     lookup = lambda t, ids: e[ids]  # noqa: E731
-    ref = dense_knn(data, e, 2, ["image"])
-    for cs in (4, 11, 1000):
-        got = full_graph_knn_propagate(data.item_graphs["image"], lookup, 2, 5, chunk_size=cs)
-        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    for layers, combine in ((2, "last"), (1, "mean"), (3, "mean")):
+        ref = dense_knn(data, e, layers, ["image"], combine)
+        for cs in (4, 11, 1000):
+            got = full_graph_knn_propagate(data.item_graphs["image"], lookup, layers, 5, chunk_size=cs,
+                                           combine=combine)
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    assert (dense_knn(data, e, 3, ["image"], "mean") - dense_knn(data, e, 3, ["image"])).abs().max() > 1e-3
     torch.testing.assert_close(full_graph_knn_propagate(data.item_graphs["image"], lookup, 0, 5), e)
+    with pytest.raises(ValueError, match="combine must be 'last' or 'mean', got 'sum'"):
+        full_graph_knn_propagate(data.item_graphs["image"], lookup, 2, 5, combine="sum")
 
 
-@pytest.mark.parametrize("fusion,knn_mods", [("oat", []), ("sum", []), ("oat", ["image"])])
-def test_full_graph_inference_with_knn_id_equals_eval_minibatch(fusion, knn_mods):
+@pytest.mark.parametrize("fusion,knn_mods,combine", [("oat", [], "last"), ("sum", [], "last"),
+                                                     ("oat", ["image"], "last"), ("oat", ["image"], "mean")])
+def test_full_graph_inference_with_knn_id_equals_eval_minibatch(fusion, knn_mods, combine):
     data = TinyData(seed=6)
     model = build(data, 2, False, fusion, id_layers=2, gat_layers=1, item_knn_id_layers=2,
-                  item_knn_id_modalities=knn_mods)
+                  item_knn_id_modalities=knn_mods, item_knn_id_combine=combine)
     deg = knn_degrees(data)
     model(sampled_batch(data, [1, 2], [3, 4], [5, 6], 2, 2), data.item_features, degrees=deg)  # EMA update
     users, items = model.compute_all_representations(data.user_items, data.item_users, data.item_features,
