@@ -9,13 +9,16 @@
 Each child (forked by default, spawned on request) initialises the default process group (gloo,
 ``tcp://127.0.0.1:<free port>``), runs ``fn(rank, world_size, *args)`` with one intra-op thread, writes the result with ``torch.save`` to
 a temporary file, and destroys the group. An exception in any child fails the call with that
-child's traceback (torch.multiprocessing re-raises it).
+child's traceback (torch.multiprocessing re-raises it). Ranks still running after ``timeout_s``
+are killed and the call raises ``TimeoutError``: a stuck collective (or a JIT build waiting on a
+stale lock) fails the test instead of hanging the suite.
 """
 from __future__ import annotations
 
 import os
 import socket
 import tempfile
+import time
 from typing import Any, Callable
 
 import torch
@@ -56,14 +59,31 @@ def _child(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, ar
         dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, start_method: str = "fork") -> list[Any]:
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, start_method: str = "fork",
+                    timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any]:
     """Start ``world_size`` gloo processes running ``fn(rank, world_size, *args)``; return their results.
 
     ``start_method="fork"`` (default) skips re-importing torch in every child (seconds each on a busy
     machine); use ``"spawn"`` when the parent holds state that must not be forked (CUDA, threads in
-    a collective).
+    a collective). ``timeout_s``: wall-clock limit of the whole call (generous: the slowest healthy
+    call, a first DeepSpeed JIT build on a loaded 2-core machine, takes minutes).
     """
     with tempfile.TemporaryDirectory(prefix="goat_dist_test_") as out_dir:
-        mp.start_processes(_child, args=(fn, world_size, free_port(), out_dir, args), nprocs=world_size, join=True,
-                           start_method=start_method)
+        ctx = mp.start_processes(_child, args=(fn, world_size, free_port(), out_dir, args), nprocs=world_size,
+                                 join=False, start_method=start_method)
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):   # re-raises a child's error
+            if time.monotonic() >= deadline:
+                alive = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                for p in ctx.processes:
+                    p.join(10)
+                raise TimeoutError(f"run_distributed({getattr(fn, '__name__', fn)}, world_size={world_size}): "
+                                   f"ranks {alive} still running after {timeout_s:.0f} s, killed (a stuck "
+                                   f"collective, or a JIT build waiting on a stale lock in ~/.cache/torch_extensions)")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
