@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from goat_dist.config import KNN_ID_COMBINE
 from goat_dist.graph.csr import CSR
 from goat_dist.log import get_logger
 from goat_dist.sampling.blocks import ITEM, ITEM_TO_USER, USER, USER_TO_ITEM, Block, Relation, SampledSubgraph
@@ -481,6 +482,11 @@ def knn_norm_values(graph: CSR) -> Tensor:
     return (deg[rows] * deg[graph.indices.to(torch.int64)]).rsqrt()
 
 
+def _check_combine(combine: str) -> None:
+    if combine not in KNN_ID_COMBINE:
+        raise ValueError(f"kNN propagation: combine must be one of {', '.join(KNN_ID_COMBINE)}, got {combine!r}")
+
+
 def knn_propagate_blocks(subgraph: SampledSubgraph, rel: Relation, h: Tensor, degree: Tensor,
                          combine: str = "last") -> Tensor:
     """``S^L h`` (``combine="last"``) or ``1/L sum_{l=1..L} S^l h`` (``"mean"``) at the seeds over the
@@ -490,8 +496,7 @@ def knn_propagate_blocks(subgraph: SampledSubgraph, rel: Relation, h: Tensor, de
     so hop l's value at the seeds is the first ``n_seeds`` rows after block l.
 
     **Shapes:** h [n_src of blocks[0], d] -> [n_seeds, d]."""
-    if combine not in ("last", "mean"):
-        raise ValueError(f"kNN propagation: combine must be 'last' or 'mean', got {combine!r}")
+    _check_combine(combine)
     node_t = rel[2]
     n_seeds = subgraph.seeds[node_t].numel()
     degree = degree.to(h.device, h.dtype)
@@ -522,8 +527,7 @@ def full_graph_knn_propagate(graph: CSR, lookup: Callable[[str, Tensor], Tensor]
     ids)`` gives the layer-0 ID embeddings (once per grid chunk, as in ``full_graph_lightgcn``). With
     a ``shard``: this rank's rows ``shard.block(n_items)``, the layers all-gathered.
     **Shapes:** -> [n_items, d] (with a shard: [i1 - i0, d])."""
-    if combine not in ("last", "mean"):
-        raise ValueError(f"kNN propagation: combine must be 'last' or 'mean', got {combine!r}")
+    _check_combine(combine)
     sh = shard or RowShard()
     n, cs = graph.n_rows, int(chunk_size)
     i0, i1 = sh.block(n, cs)

@@ -98,7 +98,7 @@ def test_full_graph_knn_propagation_equals_dense_and_ignores_chunking():
             torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
     assert (dense_knn(data, e, 3, ["image"], "mean") - dense_knn(data, e, 3, ["image"])).abs().max() > 1e-3
     torch.testing.assert_close(full_graph_knn_propagate(data.item_graphs["image"], lookup, 0, 5), e)
-    with pytest.raises(ValueError, match="combine must be 'last' or 'mean', got 'sum'"):
+    with pytest.raises(ValueError, match="combine must be one of last, mean, got 'sum'"):
         full_graph_knn_propagate(data.item_graphs["image"], lookup, 2, 5, combine="sum")
 
 
