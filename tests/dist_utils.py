@@ -78,11 +78,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, start_m
         while not ctx.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):   # re-raises a child's error
             if time.monotonic() >= deadline:
                 alive = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                for p in ctx.processes:
-                    p.join(10)
+                for r in alive:
+                    ctx.processes[r].kill()
+                    ctx.processes[r].join(10)
                 raise TimeoutError(f"run_distributed({getattr(fn, '__name__', fn)}, world_size={world_size}): "
                                    f"ranks {alive} still running after {timeout_s:.0f} s, killed (a stuck "
                                    f"collective, or a JIT build waiting on a stale lock in ~/.cache/torch_extensions)")
