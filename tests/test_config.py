@@ -66,6 +66,18 @@ def test_restricted_string_is_checked_at_load_even_when_unused(tmp_path):
     assert load_config(None, ["model.item_knn_id_combine=mean"]).model.item_knn_id_combine == "mean"
 
 
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    """YAML 1.1 (PyYAML) reads ``3e-3`` as a string; a float key takes it as the number, in a file and
+    in ``--set``; an int key and a non-number string are still errors."""
+    cfg = load_config(write(tmp_path, "loss:\n  l2: 1e-2\n"), ["train.dense_lr=3e-3", "train.sparse_lr=-5E+1"])
+    assert (cfg.loss.l2, cfg.train.dense_lr, cfg.train.sparse_lr) == (0.01, 0.003, -50.0)
+    assert load_config(None, ["train.dense_lr=.5e1"]).train.dense_lr == 5.0
+    with pytest.raises(ConfigError, match=r"--set train.dense_lr=3e.*expected a number, got '3e'"):
+        load_config(None, ["train.dense_lr=3e"])
+    with pytest.raises(ConfigError, match=r"train.batch_size: expected an integer, got '1e3'"):
+        load_config(None, ["train.batch_size=1e3"])
+
+
 def test_override_errors_name_the_override():
     with pytest.raises(ConfigError, match=r"--set train.nope=1.*train.nope"):
         load_config(None, ["train.nope=1"])
