@@ -150,6 +150,12 @@ class ModelConfig:
     """Score with the fused item (True, the paper) or with the ID item only (False, the FREEDOM
     protocol): the modality views and the fusion then act through the loss only
     (``loss.modality_bpr_weight``, ``loss.cmcl_weight``), and serving needs no features."""
+    score_view_weight: float = 0.0
+    """With ``score_fused: false``: the item that SCORES (evaluation, export) is
+    ``id_i + score_view_weight * sum_m view_m(i)``, the views being OAT's aligned views
+    (``x_m (T_m + Delta_m)``, fusion ``oat``) or the encoders' raw outputs (other fusions): a late
+    fusion of the ID scorer with the modality scorers that ``loss.modality_bpr_weight`` trains. Training
+    is unchanged (its BPR ranks with the ID item). 0 = off; must be >= 0."""
 
 
 @dataclass(kw_only=True, slots=True)

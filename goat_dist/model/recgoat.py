@@ -6,7 +6,8 @@
                                                                     item_knn_id_combine "mean":
                                                                     1/L sum_l S_m^l e)
     item  = Fusion(id_i, {GAT_m(Linear(feat_m))}_m)                (OAT | concat | sum | none)
-    score(u, i) = <user_u, item_i>       (with ``score_fused: false``: <user_u, id_i>, see below)
+    score(u, i) = <user_u, item_i>       (with ``score_fused: false``: <user_u, id_i + w_s * sum_m view_m(i)>,
+                                          w_s = score_view_weight, 0 by default; see below)
     loss  = BPR(user, item+, item-) + l2 * L2(raw ID embeddings) + cmcl_weight * CMCL + w_weight * sum_m W_m
             + modality_bpr_weight * sum_m BPR(LightGCN_u, view_m(item+), view_m(item-))
               (view_m = GAT_m(...) with ``modality_bpr_views: raw``, OAT's aligned_m with ``aligned``)
@@ -33,7 +34,10 @@ Design choices:
 - ``score_fused: false`` (the FREEDOM protocol): the ID item scores, and the modality views and the
   fusion shape the model through the loss only (modality BPR, CMCL): they pull the shared user
   representation towards what content predicts without adding their noise to every score. On TikTok
-  the fused scoring item cost more than the views gave (see configs/tiktok.yaml).
+  the fused scoring item cost more than the views gave (see configs/tiktok.yaml). ``score_view_weight``
+  w_s > 0 adds the views (OAT-aligned with fusion ``oat``, raw otherwise) to the ID item at scoring
+  time only (full-graph inference: evaluation, export): a late fusion of the ID scorer with the
+  modality scorers the modality BPR trains; the mini-batch ``item`` (training's BPR) stays the ID item.
 - The user branch is added to the LightGCN user with a learnable scalar ``beta`` (init
   ``alpha_init``), so at initialisation the collaborative signal dominates, as for the items.
 - Loss convention ("shares", needed for rank-invariant training): every term returned by
@@ -132,6 +136,13 @@ class RecGOAT(nn.Module):
             raise ValueError("model.item_knn_id_layers > 0 propagates over the item modalities' kNN graphs: "
                              "it needs use_item_modalities and at least one modality")
         self.knn_modalities: list[str] = knn_id_modalities(cfg, self.modalities)
+        self.score_view_weight = float(cfg.score_view_weight)
+        if self.score_view_weight < 0:
+            raise ValueError(f"model.score_view_weight must be >= 0, got {self.score_view_weight}")
+        if self.score_view_weight and (cfg.score_fused or not self.modalities):
+            raise ValueError("model.score_view_weight > 0 adds the modality views to the ID item that scores: it "
+                             "needs model.score_fused false and at least one item modality "
+                             f"(score_fused {cfg.score_fused}, modalities {self.modalities or 'none'})")
         if cfg.use_user_branch and user_feature_dim is None:
             log.info("model.use_user_branch is on but the dataset has no user features: user branch off")
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -422,22 +433,29 @@ class RecGOAT(nn.Module):
                                                   chunk_size, shard=sh, combine=self.cfg.item_knn_id_combine)
                          for m in self.knn_modalities]
                 i_id = i_id + self.cfg.item_knn_id_weight * self._mean(props)
+            views_score = self.cfg.score_fused or self.score_view_weight > 0
             xs = [self.item_encoders[m].full_graph(item_graphs.get(m), item_features[m], self.n_items, chunk_size,
-                                                   shard=sh) for m in self.modalities] if self.cfg.score_fused else []
+                                                   shard=sh) for m in self.modalities] if views_score else []
             i0, i1 = sh.block(self.n_items, chunk_size)
             chunks = [(s - i0, e - i0) for s, e in sh.chunks(self.n_items, chunk_size) if e > s]
             items = sh.full_buffer(self.n_items, chunk_size, self.dim, device)
             block = items[:sh.block_rows(self.n_items, chunk_size)] if sh.world_size == 1 else \
                 items.new_empty((sh.block_rows(self.n_items, chunk_size), self.dim))
-            if not self.cfg.score_fused:  # the FREEDOM protocol: the ID item scores
-                for s, e in chunks:
-                    block[s:e] = i_id[s:e]
-            elif isinstance(self.fusion, OATFusion):
+            plan = None
+            if xs and isinstance(self.fusion, OATFusion):
                 flat = self.fusion.ema_statistics()
                 if flat is None:  # before any training step: statistics of ALL items
                     flat = self.fusion.statistics(*self._gather_items(i_id, torch.stack(xs), sh, chunk_size))
                 plan, _, _ = self.fusion.solve(flat)
-                for s, e in chunks:  # views stacked per chunk: no [M, n_items, d] copy
+            if not self.cfg.score_fused:  # the FREEDOM protocol: the ID item scores (+ w * its views)
+                for s, e in chunks:
+                    block[s:e] = i_id[s:e]
+                    if xs:  # score_view_weight > 0; views stacked per chunk: no [M, n_items, d] copy
+                        part = torch.stack([x[s:e] for x in xs])
+                        views = part if plan is None else self.fusion.fuse(i_id[s:e], part, plan)[1]
+                        block[s:e] += self.score_view_weight * views.sum(0)
+            elif plan is not None:
+                for s, e in chunks:
                     block[s:e] = self.fusion.fuse(i_id[s:e], torch.stack([x[s:e] for x in xs]), plan)[0]
             else:
                 for s, e in chunks:

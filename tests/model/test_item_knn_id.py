@@ -242,3 +242,39 @@ def test_modality_bpr_over_aligned_views_value_gradient_and_errors():
     out_s = summed(batch, data.item_features)
     with pytest.raises(ValueError, match="needs model.fusion 'oat'"):
         summed.compute_loss(out_s, batch, cfg)
+
+
+@pytest.mark.parametrize("fusion", ["oat", "sum"])
+def test_score_view_weight_adds_the_views_to_the_scoring_item(fusion):
+    """``model.score_view_weight: w`` (with ``score_fused: false``): full-graph inference scores with
+    ``id_i + w * sum_m view_m(i)``, the views being OAT's aligned ones (fusion oat, plan from the EMA)
+    or the encoders' raw outputs — against the eval-mode mini-batch forward's own views; users and
+    the training item are unchanged."""
+    data = TinyData(seed=9)
+    kw = dict(id_layers=2, gat_layers=1, item_knn_id_layers=1, score_fused=False, dropout=0.0)
+    model = build(data, 2, False, fusion, score_view_weight=0.3, **kw)
+    deg = knn_degrees(data)
+    model(sampled_batch(data, [1, 2], [3, 4], [5, 6], 2, 1), data.item_features, degrees=deg)  # EMA update
+    users, items = model.compute_all_representations(data.user_items, data.item_users, data.item_features,
+                                                     None, data.item_graphs, chunk_size=5)
+    model.eval()
+    batch = sampled_batch(data, [0, 5, 9], [1, 2, 4], [7, 0, 11], 2, 1)
+    with torch.no_grad():
+        out = model(batch, data.item_features, degrees=deg)
+    views = out["item_aligned"] if fusion == "oat" else {m: out["item_views"][m] for m in model.modalities}
+    assert len(views) == 2
+    want = out["item_id"] + 0.3 * sum(views.values())
+    assert (want - out["item_id"]).abs().max() > 1e-3          # the views do move the scoring item
+    torch.testing.assert_close(items[batch.unique_items], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(users[batch.unique_users], out["user"], rtol=1e-5, atol=1e-5)
+    assert out["item"] is out["item_id"]                         # training still ranks with the ID item
+
+
+def test_score_view_weight_errors():
+    data = TinyData(seed=9)
+    with pytest.raises(ValueError, match="score_view_weight must be >= 0, got -0.1"):
+        build(data, 2, False, "oat", score_fused=False, score_view_weight=-0.1)
+    with pytest.raises(ValueError, match=r"needs model.score_fused false.*score_fused True"):
+        build(data, 2, False, "oat", score_view_weight=0.1)
+    with pytest.raises(ValueError, match=r"at least one item modality.*modalities none"):
+        build(data, 0, False, "none", score_fused=False, score_view_weight=0.1)

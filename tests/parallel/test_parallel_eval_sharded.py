@@ -54,9 +54,11 @@ def test_row_shard_blocks_cover_rows_once():
             assert RowShard.chunk(n, 1000) <= 1000
 
 
-@pytest.mark.parametrize("world_size", [3])
-def test_sharded_representations_bit_identical(tmp_path, world_size):
-    cfg = tiny_cfg(tmp_path, 16, "eval.user_sample=37", "eval.batch_size=5")
+@pytest.mark.parametrize("world_size,extra", [(3, ()),
+                                               (3, ("model.score_fused=false", "model.score_view_weight=0.5"))])
+def test_sharded_representations_bit_identical(tmp_path, world_size, extra):
+    """``extra``: the ID item plus the weighted OAT-aligned views scores (``model.score_view_weight``)."""
+    cfg = tiny_cfg(tmp_path, 16, "eval.user_sample=37", "eval.batch_size=5", *extra)
     single_process_run(cfg, tmp_path / "prep", 1)  # data + graph cache once
     results = run_distributed(reps_body, world_size, cfg, tmp_path / "w", 6)
     ref = run_distributed(single_body, 1, cfg, tmp_path / "single", results)[0]  # one thread, like the ranks
