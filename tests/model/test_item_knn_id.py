@@ -192,13 +192,9 @@ def test_item_item_hops_per_modality():
         item_item_hops(ModelConfig(item_knn_id_layers=1, item_knn_id_modalities=["text"]), ["image"])
 
 
-def test_score_fused_off_scores_with_the_id_item_in_both_paths():
-    """``model.score_fused: false``: the mini-batch scoring item is the ID item (LightGCN + kNN term),
-    full-graph inference returns the same rows, and no cold-start export is offered."""
-    from goat_dist.checkpoint.export import cold_start_params
-
-    data = TinyData(seed=8)
-    model = build(data, 2, False, "oat", id_layers=2, gat_layers=1, item_knn_id_layers=1, score_fused=False)
+def full_graph_and_eval_batch(model, data):
+    """One training forward (so OAT has EMA statistics), then the full-graph representations and the
+    eval-mode mini-batch output of a fixed batch: ``(users, items, batch, out)``."""
     deg = knn_degrees(data)
     model(sampled_batch(data, [1, 2], [3, 4], [5, 6], 2, 1), data.item_features, degrees=deg)  # EMA update
     users, items = model.compute_all_representations(data.user_items, data.item_users, data.item_features,
@@ -207,6 +203,17 @@ def test_score_fused_off_scores_with_the_id_item_in_both_paths():
     batch = sampled_batch(data, [0, 5, 9], [1, 2, 4], [7, 0, 11], 2, 1)
     with torch.no_grad():
         out = model(batch, data.item_features, degrees=deg)
+    return users, items, batch, out
+
+
+def test_score_fused_off_scores_with_the_id_item_in_both_paths():
+    """``model.score_fused: false``: the mini-batch scoring item is the ID item (LightGCN + kNN term),
+    full-graph inference returns the same rows, and no cold-start export is offered."""
+    from goat_dist.checkpoint.export import cold_start_params
+
+    data = TinyData(seed=8)
+    model = build(data, 2, False, "oat", id_layers=2, gat_layers=1, item_knn_id_layers=1, score_fused=False)
+    users, items, batch, out = full_graph_and_eval_batch(model, data)
     assert out["item"] is out["item_id"]
     assert (out["fusion"].fused - out["item_id"]).abs().max() > 1e-4   # the fusion itself did change it
     torch.testing.assert_close(out["item"], items[batch.unique_items], rtol=1e-5, atol=1e-5)
@@ -251,16 +258,9 @@ def test_score_view_weight_adds_the_views_to_the_scoring_item(fusion):
     or the encoders' raw outputs — against the eval-mode mini-batch forward's own views; users and
     the training item are unchanged."""
     data = TinyData(seed=9)
-    kw = dict(id_layers=2, gat_layers=1, item_knn_id_layers=1, score_fused=False, dropout=0.0)
-    model = build(data, 2, False, fusion, score_view_weight=0.3, **kw)
-    deg = knn_degrees(data)
-    model(sampled_batch(data, [1, 2], [3, 4], [5, 6], 2, 1), data.item_features, degrees=deg)  # EMA update
-    users, items = model.compute_all_representations(data.user_items, data.item_users, data.item_features,
-                                                     None, data.item_graphs, chunk_size=5)
-    model.eval()
-    batch = sampled_batch(data, [0, 5, 9], [1, 2, 4], [7, 0, 11], 2, 1)
-    with torch.no_grad():
-        out = model(batch, data.item_features, degrees=deg)
+    model = build(data, 2, False, fusion, id_layers=2, gat_layers=1, item_knn_id_layers=1, score_fused=False,
+                  dropout=0.0, score_view_weight=0.3)
+    users, items, batch, out = full_graph_and_eval_batch(model, data)
     views = out["item_aligned"] if fusion == "oat" else {m: out["item_views"][m] for m in model.modalities}
     assert len(views) == 2
     want = out["item_id"] + 0.3 * sum(views.values())
