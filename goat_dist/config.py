@@ -5,8 +5,8 @@ Design choices:
   never a module-level singleton.
 - Every YAML key must exist in its section: an unknown key or a wrong type is a ``ConfigError`` that
   names the key and the file (or ``--set``) it came from.
-- A string key with a fixed set of values declares them (``choices`` in the field's metadata); any
-  other value is a ``ConfigError`` at load time, even where the key is unused by the rest of the config.
+- A string key (or list of strings) with a fixed set of values declares them (``choices`` in the
+  field's metadata); any other value is a ``ConfigError`` at load time, even where the key is unused by the rest of the config.
 - ``--set section.key=value`` parses ``value`` as YAML (``4``, ``0.1``, ``[10, 5]``, ``true``,
   ``{user_item: [10, 5]}``) and type-checks it like a file value.
 - The resolved config (defaults + file + overrides) is written to every run directory.
@@ -30,6 +30,7 @@ class ConfigError(ValueError):
 
 MODALITY_BPR_VIEWS = ("raw", "aligned")
 KNN_ID_COMBINE = ("last", "mean")
+CMCL_TERMS = ("user_item", "item_views", "user_views")
 
 
 def _choice(default: str, choices: tuple[str, ...]) -> Any:
@@ -175,6 +176,10 @@ class OTConfig:
 class LossConfig:
     l2: float = 1e-4
     cmcl_weight: float = 0.1
+    cmcl_terms: list[str] = field(default_factory=lambda: list(CMCL_TERMS), metadata={"choices": CMCL_TERMS})
+    """Which InfoNCE terms CMCL averages: ``user_item`` (user vs positive item), ``item_views`` (every
+    pair of item views: ID and each modality, over the positive items), ``user_views`` (user ID vs
+    preference view, user branch only). Default: all three."""
     temperature: float = 0.2
     infonce_symmetric: bool = True
     """InfoNCE in both directions (a->b and b->a, averaged) or a->b only."""
@@ -354,8 +359,11 @@ def _build(cls: type, values: dict, where: str) -> Any:
                               f"accepts: {', '.join(sorted(fields))})")
         kwargs[key] = _coerce(value, hints[key], path)
         choices = fields[key].metadata.get("choices")
-        if choices is not None and kwargs[key] not in choices:
-            raise ConfigError(f"{path}: expected one of {', '.join(choices)}, got {kwargs[key]!r}")
+        if choices is not None:
+            bad = [v for v in (kwargs[key] if isinstance(kwargs[key], list) else [kwargs[key]]) if v not in choices]
+            if bad:
+                raise ConfigError(f"{path}: expected {'values among' if isinstance(kwargs[key], list) else 'one of'} "
+                                  f"{', '.join(choices)}, got {bad[0]!r}")
     return cls(**kwargs)
 
 

@@ -66,6 +66,15 @@ def test_restricted_string_is_checked_at_load_even_when_unused(tmp_path):
     assert load_config(None, ["model.item_knn_id_combine=mean"]).model.item_knn_id_combine == "mean"
 
 
+def test_restricted_list_checks_every_element(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, "loss:\n  cmcl_terms: [user_item, item_view]\n"))
+    msg = str(exc.value)
+    assert "c.yaml" in msg and "loss.cmcl_terms" in msg and "'item_view'" in msg and "user_item, item_views" in msg
+    assert load_config(None, ["loss.cmcl_terms=[item_views]"]).loss.cmcl_terms == ["item_views"]
+    assert load_config(None).loss.cmcl_terms == ["user_item", "item_views", "user_views"]
+
+
 def test_exponent_without_a_dot_is_a_number(tmp_path):
     """YAML 1.1 (PyYAML) reads ``3e-3`` as a string; a float key takes it as the number, in a file and
     in ``--set``; an int key and a non-number string are still errors."""

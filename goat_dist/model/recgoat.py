@@ -329,18 +329,23 @@ class RecGOAT(nn.Module):
             nce = InfoNCE(loss_cfg.temperature, rank=rank, world_size=world_size,
                           local_loss=loss_cfg.infonce_local_loss, chunk_size=loss_cfg.infonce_chunk_size or None,
                           symmetric=loss_cfg.infonce_symmetric, group=group)
-            terms = [nce(u, pos, batch.users, batch.pos_items)]
+            which = set(loss_cfg.cmcl_terms)
+            terms = [nce(u, pos, batch.users, batch.pos_items)] if "user_item" in which else []
             # Item views over the triples' POSITIVE items (B rows, repeats masked as false negatives):
             # the [B, B] logits of every view pair are the dominant cost of a RecGOAT step on CPU,
             # and pos + neg rows would make them 4x larger for little extra signal.
-            views = out["item_views"]
+            views = out["item_views"] if "item_views" in which else {}
             for va, vb in combinations(list(views), 2):
                 terms.append(nce(views[va].index_select(0, batch.pos_index),
                                  views[vb].index_select(0, batch.pos_index), batch.pos_items, batch.pos_items))
-            if out["user_views"]:
+            if out["user_views"] and "user_views" in which:
                 uv = out["user_views"]
                 terms.append(nce(uv["id"].index_select(0, batch.user_index), uv["pref"].index_select(0, batch.user_index),
                                  batch.users, batch.users))
+            if not terms:
+                raise ValueError(f"loss.cmcl_terms {list(loss_cfg.cmcl_terms)} leaves CMCL without a term for this "
+                                 f"model (item views need modalities, user views the user branch); set "
+                                 f"loss.cmcl_weight 0 to turn CMCL off")
             cmcl = torch.stack(terms).mean()
             total = total + loss_cfg.cmcl_weight * cmcl
 

@@ -180,3 +180,48 @@ def test_user_ids_runs_the_user_branch_on_their_neighbourhood_only(gat_layers, m
     st_u, st_i = model.compute_all_representations(*args, chunk_size=5, user_ids=ids, stream_users=True)
     torch.testing.assert_close(st_u, full_u[ids], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(st_i, full_i, rtol=1e-5, atol=1e-5)
+
+
+def _nce_by_hand(a, b, ids_b, tau):
+    """One-way InfoNCE with false negatives (same id as the positive column) masked, plain loops."""
+    a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+    s = a @ b.t() / tau
+    total = 0.0
+    for i in range(a.shape[0]):
+        keep = [j for j in range(b.shape[0]) if j == i or ids_b[j] != ids_b[i]]
+        total = total - s[i, i] + torch.logsumexp(s[i, keep], 0)
+    return total / a.shape[0]
+
+
+@pytest.mark.parametrize("terms", [["user_item"], ["item_views"], ["user_views"], ["user_item", "user_views"],
+                                   ["user_item", "item_views", "user_views"]])
+def test_cmcl_terms_select_the_infonce_terms_averaged(terms):
+    data = TinyData(seed=4)
+    model = build(data, 2, True, "oat")
+    batch = batch_for(data, model, seed=3)
+    out = model(batch, data.item_features, data.user_features)
+    cfg = LossConfig(l2=0.0, cmcl_weight=1.0, temperature=0.3, infonce_symmetric=False, cmcl_terms=terms)
+    _, parts = model.compute_loss(out, batch, cfg)
+    pos = batch.pos_index
+    expected = []
+    if "user_item" in terms:
+        expected.append(_nce_by_hand(out["user"][batch.user_index], out["item"][pos], batch.pos_items, 0.3))
+    if "item_views" in terms:
+        v = out["item_views"]
+        expected += [_nce_by_hand(v[a][pos], v[b][pos], batch.pos_items, 0.3)
+                     for a, b in itertools.combinations(["id", "image", "text"], 2)]
+    if "user_views" in terms:
+        uv = out["user_views"]
+        expected.append(_nce_by_hand(uv["id"][batch.user_index], uv["pref"][batch.user_index], batch.users, 0.3))
+    assert float(parts["cmcl"]) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+
+
+def test_cmcl_terms_that_leave_nothing_raise():
+    data = TinyData(seed=4)
+    model = build(data, 2, False, "oat")
+    batch = batch_for(data, model)
+    out = model(batch, data.item_features, data.user_features)
+    with pytest.raises(ValueError, match="loss.cmcl_terms"):
+        model.compute_loss(out, batch, LossConfig(cmcl_weight=0.1, cmcl_terms=["user_views"]))
+    _, parts = model.compute_loss(out, batch, LossConfig(cmcl_weight=0.0, cmcl_terms=["user_views"]))
+    assert float(parts["cmcl"]) == 0.0
