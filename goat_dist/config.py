@@ -6,7 +6,8 @@ Design choices:
 - Every YAML key must exist in its section: an unknown key or a wrong type is a ``ConfigError`` that
   names the key and the file (or ``--set``) it came from.
 - A string key (or list of strings) with a fixed set of values declares them (``choices`` in the
-  field's metadata); any other value is a ``ConfigError`` at load time, even where the key is unused by the rest of the config.
+  field's metadata); any other value is a ``ConfigError`` at load time, even where the key is unused
+  by the rest of the config.
 - ``--set section.key=value`` parses ``value`` as YAML (``4``, ``0.1``, ``[10, 5]``, ``true``,
   ``{user_item: [10, 5]}``) and type-checks it like a file value.
 - The resolved config (defaults + file + overrides) is written to every run directory.
@@ -360,10 +361,11 @@ def _build(cls: type, values: dict, where: str) -> Any:
         kwargs[key] = _coerce(value, hints[key], path)
         choices = fields[key].metadata.get("choices")
         if choices is not None:
-            bad = [v for v in (kwargs[key] if isinstance(kwargs[key], list) else [kwargs[key]]) if v not in choices]
+            many = isinstance(kwargs[key], list)
+            bad = [v for v in (kwargs[key] if many else [kwargs[key]]) if v not in choices]
             if bad:
-                raise ConfigError(f"{path}: expected {'values among' if isinstance(kwargs[key], list) else 'one of'} "
-                                  f"{', '.join(choices)}, got {bad[0]!r}")
+                raise ConfigError(f"{path}: expected {'values among' if many else 'one of'} {', '.join(choices)}, "
+                                  f"got {bad[0]!r}")
     return cls(**kwargs)
 
 

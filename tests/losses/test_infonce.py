@@ -1,29 +1,10 @@
 """InfoNCE against a plain dense reference, single-process and in real gloo worlds of size 2 and 3."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dist_utils import run_distributed
+from ref_infonce import reference
 from goat_dist.losses import InfoNCE
-
-
-def reference(a, b, tau, ids_a=None, ids_b=None, symmetric=True):
-    """The obvious dense implementation: full N x N logits, masks built by double loops."""
-    a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
-    n = a.shape[0]
-
-    def one(x, y, ids):
-        logits = x @ y.t() / tau
-        mask = torch.zeros(n, n, dtype=torch.bool)
-        if ids is not None:
-            for i in range(n):
-                for j in range(n):
-                    mask[i, j] = j != i and bool(ids[j] == ids[i])
-        logits = logits.masked_fill(mask, float("-inf"))
-        return -(torch.diag(logits) - torch.logsumexp(logits, 1)).mean()
-
-    l = one(a, b, ids_b)
-    return 0.5 * (l + one(b, a, ids_a)) if symmetric else l
 
 
 def _inputs(n, d=6, seed=0, n_ids=None):

@@ -6,6 +6,7 @@ import torch
 from goat_dist.config import LossConfig, ModelConfig, OTConfig
 from goat_dist.model import RecGOAT, materialize_
 from ref_blocks import TinyData
+from ref_infonce import reference
 
 
 def build(data: TinyData, n_mod=2, user_branch=True, fusion="oat", id_layers=2, gat_layers=1, device="meta",
@@ -182,17 +183,6 @@ def test_user_ids_runs_the_user_branch_on_their_neighbourhood_only(gat_layers, m
     torch.testing.assert_close(st_i, full_i, rtol=1e-5, atol=1e-5)
 
 
-def _nce_by_hand(a, b, ids_b, tau):
-    """One-way InfoNCE with false negatives (same id as the positive column) masked, plain loops."""
-    a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
-    s = a @ b.t() / tau
-    total = 0.0
-    for i in range(a.shape[0]):
-        keep = [j for j in range(b.shape[0]) if j == i or ids_b[j] != ids_b[i]]
-        total = total - s[i, i] + torch.logsumexp(s[i, keep], 0)
-    return total / a.shape[0]
-
-
 @pytest.mark.parametrize("terms", [["user_item"], ["item_views"], ["user_views"], ["user_item", "user_views"],
                                    ["user_item", "item_views", "user_views"]])
 def test_cmcl_terms_select_the_infonce_terms_averaged(terms):
@@ -205,14 +195,16 @@ def test_cmcl_terms_select_the_infonce_terms_averaged(terms):
     pos = batch.pos_index
     expected = []
     if "user_item" in terms:
-        expected.append(_nce_by_hand(out["user"][batch.user_index], out["item"][pos], batch.pos_items, 0.3))
+        expected.append(reference(out["user"][batch.user_index], out["item"][pos], 0.3, ids_b=batch.pos_items,
+                                  symmetric=False))
     if "item_views" in terms:
         v = out["item_views"]
-        expected += [_nce_by_hand(v[a][pos], v[b][pos], batch.pos_items, 0.3)
+        expected += [reference(v[a][pos], v[b][pos], 0.3, ids_b=batch.pos_items, symmetric=False)
                      for a, b in itertools.combinations(["id", "image", "text"], 2)]
     if "user_views" in terms:
         uv = out["user_views"]
-        expected.append(_nce_by_hand(uv["id"][batch.user_index], uv["pref"][batch.user_index], batch.users, 0.3))
+        expected.append(reference(uv["id"][batch.user_index], uv["pref"][batch.user_index], 0.3, ids_b=batch.users,
+                                  symmetric=False))
     assert float(parts["cmcl"]) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
 
 
